@@ -1,0 +1,3 @@
+from imprint.runtime.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Models: the homogeneous MLP and its batched trainer, language models, diffusion models."""

@@ -1,0 +1,153 @@
+"""Build the book from executed notebooks; never execute anything.
+
+The sources in ``book/`` are staged into ``_build/book/<profile>/src`` together with the executed
+notebooks of that profile (``_build/notebooks/ci`` for a ci book, ``book/notebooks`` for the book of
+record). Two pages are filled in from ``metrics.json`` files while staging: the synthesis page (every
+notebook's headline numbers) and the reproducibility page (every executed notebook's provenance). A
+chapter whose source exists but has no executed copy yet gets a short page saying so; table-of-contents
+entries whose source does not exist are left out. Sphinx then builds with warnings as errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+
+from imprint.runtime.io import atomic_write_text
+from imprint.runtime.params import CI, RECORD, all_notebooks
+from imprint.runtime.provenance import package_versions, repo_root
+
+METRICS_MARKER = "<!-- imprint:metrics-table -->"
+PROVENANCE_MARKER = "<!-- imprint:provenance-table -->"
+ENVIRONMENT_MARKER = "<!-- imprint:environment-table -->"
+
+
+def executed_dir(profile: str, root: Path) -> Path:
+    return root / "book" / "notebooks" if profile == RECORD else root / "_build" / "notebooks" / profile
+
+
+def metrics_files(profile: str, root: Path) -> dict[str, Path]:
+    """notebook -> metrics.json of the given profile's runs."""
+    if profile == RECORD:
+        return {p.stem: p for p in sorted((root / "book" / "metrics").glob("*.json"))}
+    return {p.parent.parent.name: p for p in sorted((root / "results").glob(f"*/{profile}/metrics.json"))}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def headline_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Scalar entries of the ``metrics`` map (lists and maps stay in metrics.json)."""
+    return [(k, _fmt(v)) for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None]
+
+
+def metrics_table(files: dict[str, Path]) -> str:
+    if not files:
+        return "*No notebook of this profile has been executed yet.*\n"
+    lines = []
+    for name, path in files.items():
+        record = json.loads(path.read_text())
+        lines += [f"### `{name}`", "", "| metric | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in headline_rows(record.get("metrics", {}))]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def provenance_table(files: dict[str, Path]) -> str:
+    if not files:
+        return "*No notebook of this profile has been executed yet.*\n"
+    lines = ["| notebook | profile | git | device | wall time | executed at |", "|---|---|---|---|---|---|"]
+    details = []
+    for name, path in files.items():
+        r = json.loads(path.read_text())
+        prov = r.get("provenance", {})
+        git = prov.get("git", {})
+        sha = (git.get("sha") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
+        wall = r.get("wall_time_s")
+        lines.append(f"| `{name}` | {r.get('label', r.get('profile'))} | `{sha}` | {prov.get('device', '?')} | "
+                     f"{'?' if wall is None else f'{wall:.0f} s'} | {r.get('executed_at') or r.get('written_at')} |")
+        params = ", ".join(f"`{k}={v!r}`" for k, v in (r.get("parameters") or {}).items())
+        details.append(f"- `{name}`: {params}")
+    return "\n".join(lines) + "\n\nParameters of each run:\n\n" + "\n".join(details) + "\n"
+
+
+def environment_table() -> str:
+    rows = ["| package | version |", "|---|---|"]
+    rows += [f"| {k} | {v or 'not installed'} |" for k, v in package_versions().items()]
+    return "\n".join(rows) + "\n"
+
+
+def _placeholder(source: Path, profile: str) -> str:
+    title = next((line.lstrip("# ").strip() for line in source.read_text().splitlines() if line.startswith("# ")),
+                 source.stem)
+    return (f"# {title}\n\nThis chapter has no executed notebook for the `{profile}` profile yet. "
+            f"Run it with `python -m imprint run {source.stem} --profile {profile}`.\n")
+
+
+def _filter_toc(toc: dict, keep: set[str]) -> dict:
+    for part in toc.get("parts", []):
+        part["chapters"] = [c for c in part.get("chapters", [])
+                            if not c["file"].startswith("notebooks/") or c["file"].split("/", 1)[1] in keep]
+    toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
+    return toc
+
+
+def stage(profile: str, root: Path | None = None) -> Path:
+    """Assemble the book's sources for ``profile`` under ``_build/book/<profile>/src``."""
+    root = root or repo_root()
+    src = root / "_build" / "book" / profile / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    shutil.copytree(root / "book", src, ignore=shutil.ignore_patterns("notebooks", "metrics", "_build"))
+    (src / "notebooks").mkdir()
+    sources = set(all_notebooks(root))
+    executed = executed_dir(profile, root)
+    for name in sorted(sources):
+        nb_path = executed / f"{name}.ipynb"
+        if nb_path.is_file():
+            nb = nbformat.read(nb_path, as_version=4)
+            nbformat.write(nb, src / "notebooks" / f"{name}.ipynb")
+        else:
+            atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
+    toc = _filter_toc(yaml.safe_load((src / "_toc.yml").read_text()), sources)
+    atomic_write_text(src / "_toc.yml", yaml.safe_dump(toc, sort_keys=False))
+    files = metrics_files(profile, root)
+    for page, marker, text in (("synthesis.md", METRICS_MARKER, metrics_table(files)),
+                               ("reproducibility.md", PROVENANCE_MARKER, provenance_table(files)),
+                               ("reproducibility.md", ENVIRONMENT_MARKER, environment_table())):
+        path = src / page
+        body = path.read_text()
+        if marker not in body:
+            raise ValueError(f"{root / 'book' / page} lacks the marker {marker}")
+        atomic_write_text(path, body.replace(marker, f"*Profile: `{profile}`.*\n\n{text}" if marker != ENVIRONMENT_MARKER else text))
+    return src
+
+
+def build(profile: str = CI, root: Path | None = None, quiet: bool = True) -> Path:
+    """Stage and build with warnings as errors; returns the path of ``index.html``."""
+    root = root or repo_root()
+    src = stage(profile, root)
+    out = root / "_build" / "book" / profile
+    shutil.rmtree(out / "_build", ignore_errors=True)
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--config", str(root / "_config.yml"),
+           "--toc", str(src / "_toc.yml"), "--path-output", str(out), "--warningiserror", "--keep-going", "--all"]
+    if quiet:
+        cmd.append("-q")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the book build failed (warnings are errors):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return out / "_build" / "html" / "index.html"

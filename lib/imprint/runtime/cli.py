@@ -1,0 +1,85 @@
+"""Command line: ``python -m imprint list | run | book``.
+
+    python -m imprint list
+    python -m imprint run                         # every notebook, ci profile
+    python -m imprint run 00 --profile full       # the result of record, into book/
+    python -m imprint run 00 -p n_train=100 -p steps=2000
+    python -m imprint book --profile ci           # prints the path of index.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imprint.runtime.params import CI, ParameterError, all_notebooks, load_spec, parse_override, resolve_run
+
+
+def _cmd_list(args) -> int:
+    names = args.notebooks or all_notebooks()
+    for name in names:
+        spec = load_spec(name)
+        print(f"{spec.name}  ({spec.source.relative_to(spec.source.parent.parent)})")
+        print("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()))
+        for profile, values in spec.profiles().items():
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "(the parameters cell)"
+            print(f"  profile {profile}: {shown}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from imprint.runtime.runner import NotebookFailed, execute
+
+    names = args.notebooks or all_notebooks()
+    overrides = dict(parse_override(p) for p in args.param)
+    runs = [resolve_run(name, args.profile, overrides) for name in names]  # validate all before running any
+    failures = []
+    bar = tqdm(runs, desc="notebooks", unit="nb", disable=len(runs) < 2)
+    for run in bar:
+        bar.set_postfix_str(run.spec.name)
+        try:
+            paths = execute(run, timeout=args.timeout, log_output=args.log_output)
+            print(f"{run.spec.name} [{run.label}]: ok -> {paths.record or paths.executed}; metrics {paths.metrics}")
+        except NotebookFailed as err:
+            print(str(err), file=sys.stderr)
+            failures.append(run.spec.name)
+            if not args.keep_going:
+                break
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_book(args) -> int:
+    from imprint.runtime.book import build
+
+    index = build(args.profile, quiet=not args.verbose)
+    print(f"book built: {index}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imprint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="notebooks, their parameters and profiles")
+    p_list.add_argument("notebooks", nargs="*")
+    p_run = sub.add_parser("run", help="execute notebooks with papermill")
+    p_run.add_argument("notebooks", nargs="*", help="names or numbers (default: all)")
+    p_run.add_argument("--profile", default=CI, help="ci (default), full, or a profile of params/NN.yaml")
+    p_run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    p_run.add_argument("--timeout", type=float, default=None, help="seconds per notebook")
+    p_run.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
+    p_run.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
+    p_book = sub.add_parser("book", help="build the book from executed notebooks (never executes)")
+    p_book.add_argument("--profile", default=CI, help="ci (default) or full (the book of record)")
+    p_book.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book}[args.command](args)
+    except ParameterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,47 @@
+"""The papermill runner on a toy notebook: outputs, provenance, failures (executes real kernels)."""
+
+import json
+
+import nbformat
+import pytest
+
+from imprint.runtime.params import resolve_run
+from imprint.runtime.runner import NotebookFailed, code_cells, execute
+
+
+def test_ci_run_writes_executed_notebook_and_metrics_with_provenance(project):
+    run = resolve_run("99_toy", overrides={"n": 4}, root=project)
+    paths = execute(run, root=project, progress=False)
+    assert paths.executed.parent.parent.name == "notebooks" and paths.record is None
+    record = json.loads(paths.metrics.read_text())
+    assert record["metrics"] == {"total": 2.0, "name": "a"}
+    assert record["parameters"]["n"] == 4 and record["overrides"] == {"n": 4}
+    assert record["profile"] == "ci" and record["label"] == run.label
+    assert set(record["provenance"]) >= {"git", "versions", "device"}
+    assert record["wall_time_s"] > 0
+    nb = nbformat.read(paths.executed, as_version=4)
+    assert nb.metadata["imprint"]["parameters"]["n"] == 4
+    glued = [o for c in nb.cells for o in c.get("outputs", [])
+             if o.get("metadata", {}).get("scrapbook", {}).get("name") == "total"]
+    assert glued and glued[0]["data"]["application/papermill.record/text/plain"] == "2.0"
+    # the injected cell is not part of the code the staleness check compares
+    assert "n = 4" not in "\n".join(code_cells(nb))
+
+
+def test_full_run_is_promoted_to_the_book(project):
+    (project / "params" / "99_toy.yaml").write_text("full:\n  n: 10\n")
+    paths = execute(resolve_run("99_toy", "full", root=project), root=project, progress=False)
+    assert paths.record == project / "book" / "notebooks" / "99_toy.ipynb" and paths.record.is_file()
+    metrics = json.loads((project / "book" / "metrics" / "99_toy.json").read_text())
+    assert metrics["metrics"]["total"] == 5.0
+
+
+def test_failure_names_the_cell_keeps_the_partial_copy_and_never_touches_the_record(project):
+    (project / "params" / "99_toy.yaml").write_text("full:\n  name: boom\n")
+    record = project / "book" / "notebooks" / "99_toy.ipynb"
+    record.parent.mkdir(parents=True)
+    record.write_text("previous record")
+    with pytest.raises(NotebookFailed, match=r"cell \d+ .*RuntimeError: asked to fail") as err:
+        execute(resolve_run("99_toy", "full", root=project), root=project, progress=False)
+    assert err.value.partial is not None and err.value.partial.is_file()
+    assert record.read_text() == "previous record"
