@@ -1,0 +1,203 @@
+"""Matching and scoring of reconstructions against scikit-image, numpy and brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from imprint.reconstruction.evaluation import (baseline_scores, best_same_class, candidate_pixels,
+                                               nearest_assignment, normalized_cross_correlation,
+                                               one_to_one_assignment, score_candidates, ssim_matrix, ssim_pairs)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def smooth_images(n, h, w, seed=0, channels=None):
+    """Random but spatially correlated images in [0, 1] (white noise would make SSIM uninformative)."""
+    gen = np.random.default_rng(seed)
+    shape = (n, h, w) if channels is None else (n, channels, h, w)
+    raw = gen.random(shape)
+    from scipy.ndimage import uniform_filter
+
+    axes = (-2, -1)
+    smooth = uniform_filter(raw, size=3, axes=axes)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    return smooth
+
+
+def test_ssim_matches_scikit_image_on_its_gaussian_window():
+    # kornia's 11-tap Gaussian (sigma 1.5), valid region: the setting scikit-image implements with
+    # gaussian_weights=True and population covariances
+    a, b = smooth_images(5, 25, 25, seed=1), smooth_images(5, 25, 25, seed=2)
+    got = ssim_pairs(torch.from_numpy(a).reshape(5, -1), torch.from_numpy(b).reshape(5, -1), (25, 25),
+                     window_size=11, padding="valid")
+    ref = [structural_similarity(a[i], b[i], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False) for i in range(5)]
+    assert np.allclose(got.numpy(), ref, rtol=0, atol=1e-10)
+
+
+def test_ssim_matches_scikit_image_on_colour_images():
+    a, b = smooth_images(3, 32, 32, seed=3, channels=3), smooth_images(3, 32, 32, seed=4, channels=3)
+    got = ssim_pairs(torch.from_numpy(a).reshape(3, -1), torch.from_numpy(b).reshape(3, -1), (3, 32, 32),
+                     window_size=11, padding="valid")
+    ref = [structural_similarity(a[i], b[i], data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, channel_axis=0) for i in range(3)]
+    assert np.allclose(got.numpy(), ref, rtol=0, atol=1e-10)
+
+
+def brute_force_ssim(a, b, window=3, sigma=1.5):
+    """SSIM with a `window`-tap Gaussian, reflect padding ('same' size), averaged: written out in numpy."""
+    r = window // 2
+    g = np.exp(-((np.arange(window) - r) ** 2) / (2 * sigma**2))
+    kernel = np.outer(g, g) / g.sum() ** 2
+    c1, c2 = 0.01**2, 0.03**2
+
+    def blur(img):
+        padded = np.pad(img, r, mode="reflect")
+        out = np.zeros_like(img)
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                out[i, j] = (padded[i:i + window, j:j + window] * kernel).sum()
+        return out
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    smap = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return smap.mean()
+
+
+def test_ssim_with_the_papers_3x3_window_matches_a_numpy_brute_force():
+    a, b = smooth_images(4, 8, 8, seed=5), smooth_images(4, 8, 8, seed=6)
+    got = ssim_pairs(torch.from_numpy(a).reshape(4, -1), torch.from_numpy(b).reshape(4, -1), (8, 8))
+    ref = [brute_force_ssim(a[i], b[i]) for i in range(4)]
+    assert np.allclose(got.numpy(), ref, rtol=0, atol=1e-10)
+    same = ssim_pairs(torch.from_numpy(a).reshape(4, -1), torch.from_numpy(a).reshape(4, -1), (8, 8))
+    assert torch.allclose(same, torch.ones(4, dtype=same.dtype))
+
+
+def test_ssim_matrix_equals_pairwise_calls():
+    a = torch.from_numpy(smooth_images(3, 8, 8, seed=7)).reshape(3, -1)
+    b = torch.from_numpy(smooth_images(5, 8, 8, seed=8)).reshape(5, -1)
+    mat = ssim_matrix(a, b, (8, 8), chunk_pairs=4)
+    for i in range(3):
+        for j in range(5):
+            assert torch.allclose(mat[i, j], ssim_pairs(a[i:i + 1], b[j:j + 1], (8, 8))[0])
+
+
+def test_normalized_cross_correlation_matches_numpy():
+    a, b = torch.randn(4, 10), torch.randn(6, 10)
+    got = normalized_cross_correlation(a, b)
+    ref = np.corrcoef(np.r_[a.numpy(), b.numpy()])[:4, 4:]
+    assert np.allclose(got.numpy(), ref, atol=1e-6)
+    # invariant to a positive affine change of either image
+    assert torch.allclose(normalized_cross_correlation(3 * a + 1, b), got, atol=1e-6)
+
+
+def test_one_to_one_assignment_is_optimal_against_brute_force():
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        sim = torch.rand(4, 6, generator=gen)
+        match = one_to_one_assignment(sim)
+        assert len(set(match.tolist())) == 4
+        best = max(sum(sim[i, p[i]].item() for i in range(4)) for p in itertools.permutations(range(6), 4))
+        assert abs(sim[torch.arange(4), match].sum().item() - best) < 1e-5
+
+
+def test_one_to_one_differs_from_nearest_when_one_candidate_is_generic():
+    # candidate 0 is everyone's nearest; one-to-one gives it to one row only
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.1, 0.6], [0.95, 0.2, 0.3]])
+    assert nearest_assignment(sim).tolist() == [0, 0, 0]
+    assert one_to_one_assignment(sim).tolist() == [1, 2, 0]
+
+
+def test_one_to_one_needs_enough_candidates():
+    with pytest.raises(ValueError, match="m >= n"):
+        one_to_one_assignment(torch.rand(5, 3))
+
+
+def test_candidate_pixels_stretch_each_image_to_the_unit_range():
+    x = torch.tensor([[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]])
+    px = candidate_pixels(x, torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(px[0], torch.tensor([0.0, 1 / 3, 1.0]))
+    assert torch.allclose(px[1], torch.full((3,), 0.5))
+
+
+def test_best_same_class_against_a_loop():
+    sim = torch.rand(5, 7)
+    lr, lc = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([0, 0, 1, 2, 2, 1, 0])
+    got = best_same_class(sim, lr, lc)
+    for i in range(5):
+        assert got[i] == max(sim[i, j] for j in range(7) if lc[j] == lr[i])
+
+
+def make_split(n_per_class=6, n_heldout_per_class=6, seed=0, n_classes=2):
+    n = n_classes * (n_per_class + n_heldout_per_class)
+    imgs = torch.from_numpy(smooth_images(n, 8, 8, seed=seed)).reshape(n, -1)  # float64: exact ties stay ties
+    # each image spans [0, 1], as real digits do, so the candidates' stretch leaves a copy unchanged
+    imgs = (imgs - imgs.min(1, keepdim=True).values) / (imgs.max(1, keepdim=True).values - imgs.min(1, keepdim=True).values)
+    labels = torch.arange(n) % n_classes
+    k = n_classes * n_per_class
+    train, held = imgs[:k], imgs[k:]
+    mean = train.mean(0)
+    return train - mean, labels[:k], held - mean, labels[k:], mean
+
+
+def test_baselines_against_brute_force():
+    x_train, l_train, x_held, l_held, mean = make_split()
+    base = baseline_scores(x_train, l_train, x_held, l_held, mean, (8, 8))
+    for i in range(len(x_train)):
+        pool = [j for j in range(len(x_held)) if l_held[j] == l_train[i]]
+        ssims = [ssim_pairs((x_train[i:i + 1] + mean).double(), (x_held[j:j + 1] + mean).double(), (8, 8))[0]
+                 for j in pool]
+        assert torch.isclose(base.nearest_heldout_ssim[i], max(ssims))
+        assert int(base.nearest_heldout_index[i]) == pool[int(np.argmax(ssims))]
+    stretched_mean = candidate_pixels(torch.zeros(1, 64), mean)
+    ref = ssim_pairs((x_train + mean).double(), stretched_mean.double().expand(len(x_train), -1), (8, 8))
+    assert torch.allclose(base.mean_image_ssim, ref)
+
+
+def test_memorisation_count_separates_copies_from_other_real_images():
+    x_train, l_train, x_held, l_held, mean = make_split(seed=1, n_classes=1)
+    base = baseline_scores(x_train, l_train, x_held, l_held, mean, (8, 8))
+    n = len(x_train)
+    # exact copies, shuffled, plus as many distractors: every training image is recovered
+    perm = torch.randperm(n)
+    copies = torch.cat([x_train[perm], torch.randn(n, 64) * 0.01])
+    scores = score_candidates(copies, x_train, mean, (8, 8), base)
+    assert torch.equal(perm[scores.match], torch.arange(n))
+    assert scores.memorisation_count == n
+    counts = scores.counts()
+    assert counts["ssim_gt_04"] == n and counts["n_train"] == n
+    assert counts["heldout_ssim_gt_04"] == int((base.nearest_heldout_ssim > 0.4).sum())
+    # the held-out images themselves as candidates: none can beat the best held-out image
+    others = score_candidates(torch.cat([x_held, x_held]), x_train, mean, (8, 8), base)
+    assert others.memorisation_count == 0
+
+
+def test_label_aware_matching_only_pairs_equal_labels():
+    x_train, l_train, x_held, l_held, mean = make_split(seed=2)
+    base = baseline_scores(x_train, l_train, x_held, l_held, mean, (8, 8))
+    n = len(x_train)
+    candidates = torch.cat([x_train, x_train])
+    cand_labels = torch.cat([1 - l_train, l_train])  # the first copy carries the wrong label
+    scores = score_candidates(candidates, x_train, mean, (8, 8), base, train_targets=l_train,
+                              candidate_targets=cand_labels)
+    assert torch.equal(scores.match, torch.arange(n) + n)
+    with pytest.raises(ValueError, match="fewer candidates"):
+        score_candidates(x_train, x_train, mean, (8, 8), base, train_targets=l_train,
+                         candidate_targets=torch.zeros(n, dtype=torch.long))
+
+
+def test_baselines_need_a_held_out_pool_covering_the_classes():
+    x_train, l_train, x_held, l_held, mean = make_split()
+    with pytest.raises(ValueError, match="classes \\[1\\]"):
+        baseline_scores(x_train, l_train, x_held[l_held == 0], l_held[l_held == 0], mean, (8, 8))
+    with pytest.raises(ValueError, match="image_shape"):
+        ssim_pairs(torch.rand(2, 64), torch.rand(2, 64), (7, 7))
