@@ -1,0 +1,1 @@
+"""Generative-model experiments: the self-consuming training loop, FID, PRDC and class histograms."""

@@ -1,0 +1,1 @@
+"""Spectra of Jacobians: matrix-free operators from torch.func, Lanczos and dense eigensolvers, trace estimators."""

@@ -1,0 +1,184 @@
+"""The Jacobian of a diffusion denoiser with respect to its noisy input, matrix-free or dense.
+
+Used by the self-consuming diffusion chapter (04). At a noisy image x_t (DDPM scaling,
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps), a timestep t in [1, T] and a class c, three maps are offered:
+``epsilon``, the predicted noise eps_theta(x_t, t, c); ``x0``, the estimate
+x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t); and ``denoiser``,
+D(x_t) = x_t - sqrt(1 - abar_t) eps_theta = sqrt(abar_t) x0_hat. The Jacobian of D with respect to x_t
+equals the Jacobian of x0_hat with respect to y = x_t / sqrt(abar_t) = x0 + sigma z, sigma^2 = (1 - abar_t) / abar_t,
+the variance-exploding form studied by Kadkhodaie et al. (2024); for the exact MMSE denoiser it is
+Cov[x0 | y] / sigma^2 (Miyasawa / Tweedie), symmetric with eigenvalues in [0, 1] for most densities, and its
+trace counts the directions along which the learned distribution still varies near y. Products with the
+Jacobian come from ``torch.func.jvp`` / ``vjp``; the dense matrix from ``jacfwd`` (under ``vmap`` for many
+probe points at once).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from imprint.models.ddpm import DDPMConfig, build_scheduler, check_guidance_weight, check_timestep
+from imprint.runtime.checks import require_choice
+
+Target = Literal["epsilon", "x0", "denoiser"]
+TARGETS = ("epsilon", "x0", "denoiser")
+
+
+def _coefficients(config: DDPMConfig, t: int) -> tuple[float, float]:
+    abar = float(build_scheduler(config).alphas_cumprod[t - 1])
+    return abar**0.5, (1.0 - abar) ** 0.5
+
+
+def denoiser_map(model: nn.Module, config: DDPMConfig, t: int, label: int, target: str = "denoiser",
+                 guidance_weight: float = 0.0) -> Callable[[Float[Tensor, " d"]], Float[Tensor, " d"]]:
+    """The map x_t (flattened, ``[d]``) -> target (flattened) of ``model`` at timestep ``t`` in [1, T].
+
+    ``guidance_weight`` w > 0 uses the guided prediction (1 + w) eps(x, c) - w eps(x, null).
+    """
+    t = check_timestep(config, t, "t")
+    require_choice("target", target, TARGETS)
+    check_guidance_weight(guidance_weight)
+    if not 0 <= int(label) < config.n_classes:
+        raise ValueError(f"label={label!r}: expected a class in [0, {config.n_classes - 1}]")
+    sqrt_abar, sqrt_one_minus = _coefficients(config, t)
+    shape = config.image_shape
+    w = float(guidance_weight)
+    dev = next(model.parameters()).device
+    t_index = torch.tensor([t - 1], device=dev)
+    cond = torch.tensor([int(label)], device=dev)
+    null = torch.tensor([config.null_label], device=dev)
+
+    def eps(x: Tensor) -> Tensor:
+        img = x.reshape(1, *shape)
+        e = model(img, t_index, class_labels=cond).sample
+        if w:
+            e = (1 + w) * e - w * model(img, t_index, class_labels=null).sample
+        return e.reshape(-1)
+
+    if target == "epsilon":
+        return eps
+    if target == "denoiser":
+        return lambda x: x - sqrt_one_minus * eps(x)
+    return lambda x: (x - sqrt_one_minus * eps(x)) / sqrt_abar
+
+
+class JacobianOperator:
+    """J = d fn / dx at ``x``, through Jacobian-vector products (J v) and vector-Jacobian products (J^T u)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], x: Float[Tensor, " d"]):
+        if x.dim() != 1:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected a flat vector")
+        self.fn, self.x = fn, x.detach()
+        self.dim = x.numel()
+        self._vjp_fn = None
+
+    def matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
+        from torch.func import jvp
+
+        return jvp(self.fn, (self.x,), (v.to(self.x),))[1].detach()
+
+    def matmat(self, vs: Float[Tensor, "k d"], chunk_size: int | None = 64) -> Float[Tensor, "k d"]:
+        """J applied to each row of ``vs`` (vmapped JVPs, ``chunk_size`` rows at a time)."""
+        from torch.func import jvp, vmap
+
+        vs = vs.to(self.x)
+        one = lambda v: jvp(self.fn, (self.x,), (v,))[1]  # noqa: E731
+        step = vs.shape[0] if chunk_size is None else chunk_size
+        return torch.cat([vmap(one)(vs[i:i + step]).detach() for i in range(0, vs.shape[0], step)])
+
+    def rmatvec(self, u: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
+        from torch.func import vjp
+
+        if self._vjp_fn is None:
+            _, self._vjp_fn = vjp(self.fn, self.x)
+        return self._vjp_fn(u.to(self.x))[0].detach()
+
+    def sym_matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
+        """((J + J^T) / 2) v."""
+        return 0.5 * (self.matvec(v) + self.rmatvec(v))
+
+    def gram_matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
+        """J^T J v."""
+        return self.rmatvec(self.matvec(v))
+
+    def dense(self, chunk_size: int | None = None) -> Float[Tensor, "d d"]:
+        """The full Jacobian by forward mode, ``[d_out, d_in]``: ``jacfwd``, or vmapped JVPs against the
+        identity ``chunk_size`` columns at a time (bounded memory for large images)."""
+        from torch.func import jacfwd
+
+        if chunk_size is None:
+            return jacfwd(self.fn)(self.x).detach()
+        eye = torch.eye(self.dim, dtype=self.x.dtype, device=self.x.device)
+        return self.matmat(eye, chunk_size).T
+
+
+def denoiser_jacobian(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "c h w"], t: int, label: int,
+                      target: str = "denoiser", guidance_weight: float = 0.0) -> JacobianOperator:
+    """The Jacobian operator of :func:`denoiser_map` at the noisy image ``x_t``."""
+    t = check_timestep(config, t, "t")
+    if tuple(x_t.shape) != config.image_shape:
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)}: expected {config.image_shape}")
+    fn = denoiser_map(model, config, t, label, target, guidance_weight)
+    p = next(model.parameters())
+    return JacobianOperator(fn, x_t.reshape(-1).to(device=p.device, dtype=p.dtype))
+
+
+def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "p c h w"],
+                             t: Sequence[int] | Int[Tensor, " p"], labels: Sequence[int] | Int[Tensor, " p"],
+                             target: str = "denoiser") -> Float[Tensor, "p d d"]:
+    """Exact Jacobians at ``p`` probe points at once (``vmap`` over probes of ``jacfwd``), conditional model."""
+    from torch.func import jacfwd, vmap
+
+    require_choice("target", target, TARGETS)
+    t_list = [check_timestep(config, int(v), "t") for v in torch.as_tensor(t).reshape(-1).tolist()]
+    lab_list = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
+    n = x_t.shape[0]
+    if tuple(x_t.shape[1:]) != config.image_shape or len(t_list) != n or len(lab_list) != n:
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)}, t {len(t_list)} entries and labels {len(lab_list)}: "
+                         f"expected [p, *{config.image_shape}] and p entries each")
+    bad = [c for c in lab_list if not 0 <= c < config.n_classes]
+    if bad:
+        raise ValueError(f"labels={bad[:3]}: expected classes in [0, {config.n_classes - 1}]")
+    p = next(model.parameters())
+    abar = build_scheduler(config).alphas_cumprod.to(device=p.device, dtype=p.dtype)
+    t_idx = torch.tensor(t_list, device=p.device) - 1
+    lab = torch.tensor(lab_list, device=p.device)
+    shape = config.image_shape
+
+    def single(x: Tensor, ti: Tensor, c: Tensor, a: Tensor) -> Tensor:
+        e = model(x.reshape(1, *shape), ti.reshape(1), class_labels=c.reshape(1)).sample.reshape(-1)
+        if target == "epsilon":
+            return e
+        d = x - (1 - a).sqrt() * e
+        return d if target == "denoiser" else d / a.sqrt()
+
+    flat = x_t.reshape(n, -1).to(device=p.device, dtype=p.dtype)
+    return vmap(jacfwd(single, argnums=0))(flat, t_idx, lab, abar[t_idx]).detach()
+
+
+def make_probe_points(x0: Float[Tensor, "p c h w"], labels: Int[Tensor, " p"], timesteps: Sequence[int],
+                      config: DDPMConfig, seed: int) -> tuple[Float[Tensor, "q c h w"], list[int], list[int]]:
+    """Every clean probe image noised at every timestep with fixed noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z.
+
+    Returns ``(x_t, t, labels)`` ordered timestep-major (all images at ``timesteps[0]`` first); the same
+    ``seed`` gives the same points, so spectra of different models are taken at identical inputs.
+    """
+    if x0.dim() != 4 or tuple(x0.shape[1:]) != config.image_shape or labels.shape != (x0.shape[0],):
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} and labels {tuple(labels.shape)}: expected "
+                         f"[p, *{config.image_shape}] and [p]")
+    ts = [check_timestep(config, int(t), "probe_timesteps") for t in timesteps]
+    if not ts:
+        raise ValueError("probe_timesteps is empty: expected at least one timestep in [1, T]")
+    abar = build_scheduler(config).alphas_cumprod.to(torch.float64)
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((len(ts), *x0.shape), generator=gen, dtype=torch.float64)
+    pts = []
+    for i, t in enumerate(ts):
+        a = abar[t - 1]
+        pts.append(a.sqrt() * x0.double() + (1 - a).sqrt() * noise[i])
+    x_t = torch.cat(pts).to(x0.dtype)
+    return x_t, [t for t in ts for _ in range(x0.shape[0])], [int(c) for _ in ts for c in labels.tolist()]

@@ -1,0 +1,128 @@
+"""Lanczos eigenvalues and singular values against dense eigh/svd and scipy; Hutchinson; spectral entropy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imprint.spectral.eigensolvers import (hutchinson_trace, lanczos_eigsh, lanczos_svd, participation_ratio,
+                                           spectral_entropy, spectrum_statistics, symmetric_eigenvalues)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def symmetric_with_spectrum(eigenvalues, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_lanczos_matches_dense_eigh_on_a_random_symmetric_matrix(which):
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(150, 150, generator=g, dtype=torch.float64)
+    a = (b + b.T) / 2
+    res = lanczos_eigsh(lambda v: a @ v, 150, 8, which=which, tol=1e-10, max_iter=150)
+    evals = torch.linalg.eigvalsh(a)
+    key = {"largest": -evals, "smallest": evals, "magnitude": -evals.abs()}[which]
+    expected = evals[torch.argsort(key)][:8]
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, expected, rtol=1e-8, atol=1e-8)
+    # Ritz vectors are eigenvectors
+    resid = a @ res.eigenvectors - res.eigenvectors * res.eigenvalues
+    assert resid.norm(dim=0).max() < 1e-6
+
+
+def test_lanczos_converges_early_on_a_decaying_spectrum_and_agrees_with_scipy():
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    spectrum = 1.0 / (1.0 + np.arange(400)) ** 1.5
+    a = symmetric_with_spectrum(spectrum, seed=1)
+    res = lanczos_eigsh(lambda v: a @ v, 400, 20, tol=1e-9)
+    assert res.converged and res.n_matvec < 400
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(spectrum[:20]), rtol=1e-7, atol=1e-10)
+    op = LinearOperator((400, 400), matvec=lambda v: (a @ torch.as_tensor(v).reshape(-1)).numpy(), dtype=np.float64)
+    ref = np.sort(eigsh(op, k=20, which="LA", return_eigenvectors=False))[::-1]
+    np.testing.assert_allclose(res.eigenvalues.numpy(), ref, rtol=1e-7)
+
+
+def test_lanczos_restarts_after_an_invariant_subspace_and_recovers_the_full_spectrum():
+    spectrum = [5.0, 4.0, 3.0, 2.0, 1.0] + [0.0] * 25
+    a = symmetric_with_spectrum(spectrum, seed=2)
+    res = lanczos_eigsh(lambda v: a @ v, 30, 8, max_iter=30, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(spectrum[:8], dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_lanczos_svd_matches_dense_svd_on_a_nonsymmetric_matrix():
+    g = torch.Generator().manual_seed(4)
+    u, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    s = torch.linspace(3.0, 0.01, 120, dtype=torch.float64) ** 2
+    j = u @ torch.diag(s) @ v.T
+    res = lanczos_svd(lambda x: j @ x, lambda y: j.T @ y, 120, 10, tol=1e-12)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.svdvals(j)[:10], rtol=1e-8, atol=1e-10)
+
+
+def test_lanczos_on_the_symmetric_part_of_a_nonsymmetric_operator():
+    g = torch.Generator().manual_seed(5)
+    j = torch.randn(80, 80, generator=g, dtype=torch.float64)
+    res = lanczos_eigsh(lambda v: 0.5 * (j @ v + j.T @ v), 80, 5, max_iter=80, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, symmetric_eigenvalues(j)[:5], rtol=1e-8, atol=1e-8)
+
+
+def test_lanczos_accepts_float32_operators_and_bad_arguments_are_refused():
+    a = symmetric_with_spectrum(np.linspace(1, 0, 50)).float()
+    res = lanczos_eigsh(lambda v: a @ v.float(), 50, 3, tol=1e-5, max_iter=50)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([1.0, 49 / 49 - 1 / 49, 1 - 2 / 49],
+                                                             dtype=torch.float64), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="k=60"):
+        lanczos_eigsh(lambda v: v, 50, 60)
+    with pytest.raises(ValueError, match="which"):
+        lanczos_eigsh(lambda v: v, 50, 2, which="top")
+
+
+def test_hutchinson_is_unbiased_within_its_exact_standard_error():
+    g = torch.Generator().manual_seed(6)
+    b = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    a = b + torch.eye(60, dtype=torch.float64) * 3
+    n = 400
+    est = hutchinson_trace(lambda v: a @ v, 60, n, seed=1)
+    sym = (a + a.T) / 2
+    exact_var = 2 * (sym.square().sum() - sym.diagonal().square().sum())  # Var(v^T A v), Rademacher v
+    assert abs(est.estimate - float(a.trace())) < 5 * math.sqrt(float(exact_var) / n)
+    assert est.standard_error == pytest.approx(math.sqrt(float(exact_var) / n), rel=0.25)
+    batched = hutchinson_trace(None, 60, n, seed=1, matmat=lambda vs: vs @ a.T)
+    assert batched.estimate == pytest.approx(est.estimate, rel=1e-12)
+    diag = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    assert hutchinson_trace(lambda v: diag @ v, 10, 3).estimate == pytest.approx(55.0)  # exact for diagonal A
+
+
+def test_spectral_entropy_effective_rank_and_participation_ratio():
+    assert spectral_entropy(torch.ones(7)) == pytest.approx(math.log(7))
+    assert spectral_entropy(torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(0.0)
+    assert spectral_entropy(torch.tensor([1.0, 1.0, -5.0])) == pytest.approx(math.log(2))
+    p = np.array([3.0, 1.0]) / 4
+    assert spectral_entropy(torch.tensor([3.0, 1.0])) == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert participation_ratio(torch.ones(5)) == pytest.approx(5.0)
+    assert participation_ratio(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+
+
+def test_spectrum_statistics_of_a_known_jacobian():
+    j = torch.diag(torch.tensor([0.9, 0.5, 0.1, 0.0], dtype=torch.float64))
+    j[0, 1] = 0.2
+    stats = spectrum_statistics(j)
+    sym_eigs = torch.linalg.eigvalsh((j + j.T) / 2)
+    assert stats["top_eigenvalue"] == pytest.approx(float(sym_eigs.max()))
+    assert stats["trace"] == pytest.approx(1.5)
+    assert stats["top_singular_value"] == pytest.approx(float(torch.linalg.svdvals(j)[0]))
+    assert stats["asymmetry"] == pytest.approx(float(torch.linalg.norm(j - j.T) / torch.linalg.norm(j)))
+    assert stats["effective_rank"] == pytest.approx(math.exp(stats["spectral_entropy"]))

@@ -1,0 +1,127 @@
+"""Jacobians of a small UNet denoiser: JVP/VJP against finite differences and jacfwd; Lanczos against eigh."""
+
+import pytest
+import torch
+
+from imprint.models.ddpm import DDPMConfig, DDPMEnsemble, build_scheduler
+from imprint.spectral.eigensolvers import hutchinson_trace, lanczos_eigsh, lanczos_svd, symmetric_eigenvalues
+from imprint.spectral.operators import (dense_denoiser_jacobians, denoiser_jacobian, denoiser_map,
+                                        make_probe_points)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CFG = DDPMConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, n_classes=3, n_train_timesteps=50)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    # random weights, perturbed so the class embedding and output layer are not at their (zero) initial values
+    model = DDPMEnsemble.initialise(CFG, [0]).model(0).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def point():
+    return torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("target", ["epsilon", "x0", "denoiser"])
+def test_jvp_and_vjp_match_central_finite_differences(unet, point, target):
+    op = denoiser_jacobian(unet, CFG, point, t=20, label=1, target=target)
+    fn = denoiser_map(unet, CFG, 20, 1, target)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(64, generator=g, dtype=torch.float64)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (fn(op.x + h * v) - fn(op.x - h * v)) / (2 * h)
+    torch.testing.assert_close(op.matvec(v), fd, rtol=1e-6, atol=1e-7)
+    dense = op.dense()
+    u = torch.randn(64, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op.rmatvec(u), dense.T @ u, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.sym_matvec(u), 0.5 * (dense + dense.T) @ u, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.gram_matvec(u), dense.T @ (dense @ u), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.dense(chunk_size=10), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_the_three_targets_are_related_by_the_noise_schedule(unet, point):
+    t = 30
+    abar = float(build_scheduler(CFG).alphas_cumprod[t - 1])
+    j_eps = denoiser_jacobian(unet, CFG, point, t, 0, "epsilon").dense()
+    j_den = denoiser_jacobian(unet, CFG, point, t, 0, "denoiser").dense()
+    j_x0 = denoiser_jacobian(unet, CFG, point, t, 0, "x0").dense()
+    eye = torch.eye(64, dtype=torch.float64)
+    torch.testing.assert_close(j_den, eye - (1 - abar) ** 0.5 * j_eps)
+    torch.testing.assert_close(j_x0, j_den / abar**0.5)
+
+
+def test_guided_jacobian_is_the_guided_combination(unet, point):
+    w = 1.5
+    guided = denoiser_jacobian(unet, CFG, point, 10, 2, "epsilon", guidance_weight=w).dense()
+    cond = denoiser_jacobian(unet, CFG, point, 10, 2, "epsilon").dense()
+    fn_null = lambda x: unet(x.reshape(1, 1, 8, 8), torch.tensor([9]), class_labels=torch.tensor([3])).sample.reshape(-1)  # noqa: E731
+    from torch.func import jacfwd
+
+    uncond = jacfwd(fn_null)(point.reshape(-1)).detach()
+    torch.testing.assert_close(guided, (1 + w) * cond - w * uncond)
+
+
+def test_batched_dense_jacobians_equal_one_at_a_time(unet):
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    ts, labels = [5, 25, 50], [0, 2, 1]
+    for target in ["epsilon", "denoiser", "x0"]:
+        batched = dense_denoiser_jacobians(unet, CFG, xs, ts, labels, target)
+        for i in range(3):
+            single = denoiser_jacobian(unet, CFG, xs[i], ts[i], labels[i], target).dense()
+            torch.testing.assert_close(batched[i], single, rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_on_the_unet_jacobian_matches_dense_eigh_and_svd(unet, point):
+    op = denoiser_jacobian(unet, CFG, point, 15, 1, "denoiser")
+    dense = op.dense()
+    res = lanczos_eigsh(op.sym_matvec, 64, 6, tol=1e-10, max_iter=64)
+    torch.testing.assert_close(res.eigenvalues, symmetric_eigenvalues(dense)[:6], rtol=1e-8, atol=1e-9)
+    sv = lanczos_svd(op.matvec, op.rmatvec, 64, 4, tol=1e-12, max_iter=64)
+    torch.testing.assert_close(sv.eigenvalues, torch.linalg.svdvals(dense)[:4], rtol=1e-7, atol=1e-9)
+    tr = hutchinson_trace(op.matvec, 64, 200, matmat=op.matmat)
+    assert abs(tr.estimate - float(dense.trace())) < 5 * tr.standard_error + 1e-9
+
+
+def test_probe_points_follow_the_forward_process(point):
+    x0 = torch.stack([point, -point]).float()
+    x_t, ts, labels = make_probe_points(x0, torch.tensor([0, 2]), [1, 40], CFG, seed=5)
+    assert ts == [1, 1, 40, 40] and labels == [0, 2, 0, 2]
+    again, _, _ = make_probe_points(x0, torch.tensor([0, 2]), [1, 40], CFG, seed=5)
+    assert torch.equal(x_t, again)
+    abar = build_scheduler(CFG).alphas_cumprod.double()
+    noise = torch.randn((2, 2, 1, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = abar[39].sqrt() * x0.double() + (1 - abar[39]).sqrt() * noise[1]
+    torch.testing.assert_close(x_t[2:].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_probe_arguments_are_refused(unet, point):
+    for t in (0, 51):
+        with pytest.raises(ValueError, match=r"t=.*expected a value"):
+            denoiser_jacobian(unet, CFG, point, t, 0)
+        with pytest.raises(ValueError, match="probe_timesteps"):
+            make_probe_points(point[None].float(), torch.tensor([0]), [t], CFG, seed=0)
+    with pytest.raises(ValueError, match="label=3"):
+        denoiser_jacobian(unet, CFG, point, 5, 3)
+    with pytest.raises(ValueError, match="target"):
+        denoiser_jacobian(unet, CFG, point, 5, 0, target="score")
+    with pytest.raises(ValueError, match="x_t has shape"):
+        denoiser_jacobian(unet, CFG, torch.zeros(1, 4, 4, dtype=torch.float64), 5, 0)
+    with pytest.raises(ValueError, match="guidance_weight"):
+        denoiser_jacobian(unet, CFG, point, 5, 0, guidance_weight=-1.0)
