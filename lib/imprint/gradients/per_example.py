@@ -1,0 +1,465 @@
+"""Per-example gradients of the supervised fine-tuning loss, for the gradient-similarity chapter (03).
+
+The loss of an example is the mean token cross-entropy over its answer tokens (``labels != -100``; the
+prompt and the padding do not count). Three ways to get one gradient per example, which the tests hold
+equal:
+
+* :func:`per_example_gradients_loop`: the reference, one backward pass per example, each on its own
+  unpadded sequence;
+* :func:`per_example_gradients`: ``torch.func`` (``vmap`` of ``grad`` of a ``functional_call``), any
+  parameter;
+* :func:`capture_factors`: one batched backward pass with hooks that keep, for every selected linear
+  layer, its inputs ``a_t`` and the loss gradient ``g_t`` with respect to its outputs (and, for an
+  embedding table, the token ids). A linear layer's per-example weight gradient is ``sum_t g_t a_t^T``
+  (:meth:`Factors.gradients`), and the factored projection of :mod:`imprint.gradients.projection`
+  never forms it (:func:`projected_gradients`). Weight gradients are never accumulated: the backward
+  pass only propagates activation gradients, which is why this path is the fast one.
+
+Batches are right padded and passed without an attention mask: with causal attention no real token sees
+a padding token, and the padding carries no loss, so every per-example gradient is exactly that of the
+unpadded example. Parameters are grouped by transformer layer or by module for the layer-wise analysis
+(:func:`parameter_groups`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from imprint.data.text import IGNORE_INDEX, ChatEncoding
+from imprint.gradients.projection import FactoredProjector, ProjectionKind, derive_seed
+from imprint.runtime.checks import require_choice, require_int
+
+Granularity = Literal["parameter", "module", "layer", "model"]
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def sft_loss_per_example(logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
+                         ) -> Float[Tensor, " batch"]:
+    """Mean next-token cross-entropy over each example's answer tokens (``labels`` shifted by one)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return (token_loss * mask).sum(1) / mask.sum(1)
+
+
+def _check_batch(input_ids: Tensor, labels: Tensor) -> None:
+    if input_ids.shape != labels.shape or input_ids.ndim != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)}: expected two "
+                         "(batch, seq) tensors of the same shape")
+    n_answer = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    if bool((n_answer == 0).any()):
+        bad = torch.nonzero(n_answer == 0).flatten().tolist()
+        raise ValueError(f"examples {bad} have no answer token to take the loss on (all labels are -100)")
+
+
+def weight_matrix_names(model: nn.Module) -> list[str]:
+    """Names of the weights of every ``nn.Linear`` and ``nn.Embedding`` (a tied weight once), in model order."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    found = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in names:
+            name = names[id(module.weight)]
+            if name not in found:
+                found.append(name)
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    return sorted(found, key=order.__getitem__)
+
+
+def group_name(param_name: str, granularity: Granularity) -> str:
+    """``layers.03`` (layer), ``layers.3.mlp.up_proj`` (module), the name itself, or ``model``.
+
+    Parameters outside the numbered blocks form their own layer group named after their module
+    (``embed_tokens``, ``lm_head``, ``norm``).
+    """
+    require_choice("granularity", granularity, ["parameter", "module", "layer", "model"])
+    stem = param_name[len("model."):] if param_name.startswith("model.") else param_name
+    stem = stem.rsplit(".", 1)[0] if stem.endswith((".weight", ".bias")) else stem
+    if granularity == "parameter":
+        return param_name
+    if granularity == "module":
+        return stem
+    if granularity == "model":
+        return "model"
+    match = _LAYER.search("." + stem + ".")
+    return f"layers.{int(match.group(1)):02d}" if match else stem.split(".")[-1]
+
+
+def parameter_groups(param_names: Sequence[str], granularity: Granularity) -> dict[str, list[str]]:
+    """Group name -> parameter names, in the order the groups first appear."""
+    groups: dict[str, list[str]] = {}
+    for name in param_names:
+        groups.setdefault(group_name(name, granularity), []).append(name)
+    return groups
+
+
+def _select(model: nn.Module, param_names: Sequence[str] | None) -> dict[str, Tensor]:
+    named = dict(model.named_parameters())
+    names = list(param_names) if param_names is not None else weight_matrix_names(model)
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"param_names: {missing[:3]} are not parameters of the model")
+    return {n: named[n].detach() for n in names}
+
+
+def per_example_gradients(model: nn.Module, input_ids: Int[Tensor, "batch seq"], labels: Int[Tensor, "batch seq"],
+                          param_names: Sequence[str] | None = None, chunk_size: int | None = None
+                          ) -> dict[str, Tensor]:
+    """Per-example gradients ``{name: (batch, *shape)}`` by ``torch.func.vmap(grad(loss))``.
+
+    ``param_names`` defaults to :func:`weight_matrix_names`; the others stay fixed. ``chunk_size`` bounds
+    how many examples ``vmap`` processes at once. The model must use eager attention.
+    """
+    _check_batch(input_ids, labels)
+    params = _select(model, param_names)
+
+    def loss(p: dict[str, Tensor], ids: Tensor, lab: Tensor) -> Tensor:
+        logits = functional_call(model, p, (ids[None],), {"use_cache": False}).logits
+        return sft_loss_per_example(logits, lab[None])[0]
+
+    return vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, input_ids, labels)
+
+
+def per_example_gradients_loop(model: nn.Module, input_ids: Int[Tensor, "batch seq"],
+                               labels: Int[Tensor, "batch seq"], param_names: Sequence[str] | None = None,
+                               lengths: Int[Tensor, " batch"] | None = None) -> dict[str, Tensor]:
+    """The reference: a separate forward and backward pass per example, on its unpadded tokens."""
+    _check_batch(input_ids, labels)
+    params = _select(model, param_names)
+    out: dict[str, list[Tensor]] = defaultdict(list)
+    for b in range(input_ids.shape[0]):
+        width = int(lengths[b]) if lengths is not None else input_ids.shape[1]
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        logits = functional_call(model, leaves, (input_ids[b:b + 1, :width],), {"use_cache": False}).logits
+        loss = sft_loss_per_example(logits, labels[b:b + 1, :width])[0]
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        for name, g in zip(leaves, grads):
+            out[name].append(g)
+    return {n: torch.stack(gs) for n, gs in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The factored path: layer inputs and output gradients from one batched backward pass
+
+
+@dataclass(frozen=True)
+class Site:
+    """A module whose weight is a selected parameter: ``kind`` is ``linear`` or ``embedding``."""
+
+    module_name: str
+    param_name: str
+    kind: Literal["linear", "embedding"]
+    out_features: int
+    in_features: int
+    padding_idx: int | None = None
+
+
+def factor_sites(model: nn.Module, param_names: Sequence[str] | None = None) -> list[Site]:
+    """The linear and embedding modules carrying ``param_names`` (a tied weight has two sites)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    selected = list(param_names) if param_names is not None else weight_matrix_names(model)
+    known = set(dict(model.named_parameters()))
+    missing = [n for n in selected if n not in known]
+    if missing:
+        raise ValueError(f"param_names: {missing[:3]} are not parameters of the model")
+    sites = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and names.get(id(module.weight)) in selected:
+            if isinstance(module, nn.Linear):
+                if module.bias is not None and names.get(id(module.bias)) in selected:
+                    raise ValueError(f"param_names: the bias of {module_name} is not supported by the factored "
+                                     "path; use per_example_gradients for it")
+                sites.append(Site(module_name, names[id(module.weight)], "linear", module.out_features,
+                                  module.in_features))
+            else:
+                sites.append(Site(module_name, names[id(module.weight)], "embedding", module.num_embeddings,
+                                  module.embedding_dim, module.padding_idx))
+    covered = {s.param_name for s in sites}
+    uncovered = [n for n in selected if n not in covered]
+    if uncovered:
+        raise ValueError(f"param_names: {uncovered[:3]} are not the weight of a linear or embedding layer; "
+                         "the factored path supports only those (use per_example_gradients)")
+    return sites
+
+
+def _embedding_mask(site: Site, x: Tensor, g: Tensor) -> Tensor:
+    """``nn.Embedding`` gives its ``padding_idx`` row no gradient; the factored path must agree."""
+    if site.kind != "embedding" or site.padding_idx is None:
+        return g
+    return g.masked_fill((x == site.padding_idx)[..., None], 0.0)
+
+
+def _run_with_hooks(model: nn.Module, input_ids: Tensor, labels: Tensor, sites: Sequence[Site],
+                    consume: Callable[[Site, Tensor, Tensor], None]) -> Float[Tensor, " batch"]:
+    """Forward and backward with hooks; ``consume(site, inputs_or_ids, output_grads)`` per site."""
+    _check_batch(input_ids, labels)
+    by_module = {s.module_name: s for s in sites}
+    modules = dict(model.named_modules())
+    embedding = model.get_input_embeddings()
+    leaves: list[Tensor] = []
+    calls: dict[str, int] = defaultdict(int)
+    handles = []
+
+    def make_hook(site: Site | None):
+        def hook(module, args, output):
+            if module is embedding:
+                # A grad-requiring leaf at the embedding output: the backward pass then reaches every
+                # layer's activations while no weight gradient is formed.
+                output = output.detach().requires_grad_(True)
+                leaves.append(output)
+            if site is not None:
+                calls[site.module_name] += 1
+                saved = args[0] if site.kind == "embedding" else args[0].detach()
+                output.register_hook(lambda g, s=site, x=saved: consume(s, x, _embedding_mask(s, x, g.detach())))
+            return output
+        return hook
+
+    try:
+        for name, site in by_module.items():
+            handles.append(modules[name].register_forward_hook(make_hook(site)))
+        if not any(modules[s.module_name] is embedding for s in sites):
+            handles.append(embedding.register_forward_hook(make_hook(None)))
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            losses = sft_loss_per_example(logits, labels)
+            torch.autograd.backward(losses.sum(), inputs=leaves)
+    finally:
+        for handle in handles:
+            handle.remove()
+    repeated = [n for n, c in calls.items() if c != 1]
+    if repeated:
+        raise RuntimeError(f"modules {repeated[:3]} ran more than once per forward pass; the factored "
+                           "gradient assumes one call per module")
+    return losses.detach()
+
+
+@dataclass
+class Factors:
+    """Inputs (or token ids) and output gradients of every site, for a batch of examples."""
+
+    sites: list[Site]
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    output_grads: dict[str, Tensor] = field(default_factory=dict)
+    losses: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.output_grads.values())).shape[0]
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(dict.fromkeys(s.param_name for s in self.sites))
+
+    def param_shape(self, param_name: str) -> tuple[int, int]:
+        site = next(s for s in self.sites if s.param_name == param_name)
+        return site.out_features, site.in_features
+
+    def gradients(self, param_name: str, rows: slice = slice(None)) -> Float[Tensor, "n out in"]:
+        """The per-example gradient of ``param_name`` for examples ``rows``: ``sum_t g_t a_t^T`` over its sites."""
+        total = None
+        for site in self.sites:
+            if site.param_name != param_name:
+                continue
+            g = self.output_grads[site.module_name][rows]
+            if site.kind == "linear":
+                a = self.inputs[site.module_name][rows].to(g.dtype)
+                part = torch.einsum("bto,bti->boi", g, a)
+            else:
+                ids = self.inputs[site.module_name][rows]
+                b, t = ids.shape
+                part = torch.zeros(b * site.out_features, site.in_features, device=g.device, dtype=g.dtype)
+                flat = (ids + site.out_features * torch.arange(b, device=ids.device)[:, None]).reshape(-1)
+                part.index_put_((flat,), g.reshape(b * t, -1), accumulate=True)
+                part = part.view(b, site.out_features, site.in_features)
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError(f"param_name={param_name!r}: not captured by these factors")
+        return total
+
+    @staticmethod
+    def concat(parts: Sequence["Factors"]) -> "Factors":
+        """One ``Factors`` for several batches (sequences zero-padded to the longest: zero gradients add nothing)."""
+        if not parts:
+            raise ValueError("parts is empty: expected at least one batch of factors")
+        width = max(t.shape[1] for p in parts for t in p.output_grads.values())
+
+        def pad(t: Tensor) -> Tensor:
+            return nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1]))
+
+        merged = Factors(parts[0].sites)
+        for site in parts[0].sites:
+            key = site.module_name
+            merged.inputs[key] = torch.cat([pad(p.inputs[key]) for p in parts])
+            merged.output_grads[key] = torch.cat([pad(p.output_grads[key]) for p in parts])
+        merged.losses = torch.cat([p.losses for p in parts])
+        return merged
+
+
+def capture_factors(model: nn.Module, input_ids: Int[Tensor, "batch seq"], labels: Int[Tensor, "batch seq"],
+                    param_names: Sequence[str] | None = None, sites: Sequence[Site] | None = None) -> Factors:
+    """Inputs and output gradients of every site from one batched forward and backward pass."""
+    sites = list(sites) if sites is not None else factor_sites(model, param_names)
+    factors = Factors(sites)
+
+    def keep(site: Site, x: Tensor, g: Tensor) -> None:
+        factors.inputs[site.module_name] = x
+        factors.output_grads[site.module_name] = g
+
+    factors.losses = _run_with_hooks(model, input_ids, labels, sites, keep)
+    return factors
+
+
+def per_example_gradients_factored(model: nn.Module, input_ids: Int[Tensor, "batch seq"],
+                                   labels: Int[Tensor, "batch seq"], param_names: Sequence[str] | None = None
+                                   ) -> dict[str, Tensor]:
+    """Per-example weight gradients ``{name: (batch, out, in)}`` from :func:`capture_factors`."""
+    factors = capture_factors(model, input_ids, labels, param_names)
+    return {name: factors.gradients(name) for name in factors.param_names}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Projections
+
+
+class GradientProjection:
+    """Factored projectors for every selected weight at each dimension of ``proj_dims``.
+
+    The projector of weight ``name`` at dimension ``k`` is seeded with ``derive_seed(seed, name, k)``, so
+    every run, partition and process uses the same matrices. A tied weight's two sites share theirs.
+    """
+
+    def __init__(self, model: nn.Module, proj_dims: Sequence[int], seed: int, kind: ProjectionKind = "rademacher",
+                 param_names: Sequence[str] | None = None, device: torch.device | str = "cpu"):
+        dims = list(proj_dims)
+        bad = [k for k in dims if isinstance(k, bool) or not isinstance(k, int) or k <= 0]
+        if not dims or bad:
+            raise ValueError(f"proj_dims={dims!r}: expected a non-empty list of projection dimensions >= 1")
+        self.sites = factor_sites(model, param_names)
+        self.proj_dims = dims
+        self.seed = seed
+        self.kind = kind
+        shapes = {s.param_name: (s.out_features, s.in_features) for s in self.sites}
+        self.projectors = {(name, k): FactoredProjector(out, inp, k, derive_seed(seed, name, k), kind, str(device))
+                           for name, (out, inp) in shapes.items() for k in dims}
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(dict.fromkeys(s.param_name for s in self.sites))
+
+    def project_site(self, site: Site, k: int, x: Tensor, g: Tensor) -> Float[Tensor, "batch proj"]:
+        projector = self.projectors[(site.param_name, k)]
+        if site.kind == "linear":
+            return projector.project_factors(x, g)
+        return projector.project_embedding(x, g)
+
+    def project_gradients(self, grads: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """The same projections applied to materialised per-example gradients (the reference)."""
+        return {k: {name: self.projectors[(name, k)].project_gradient(grads[name]) for name in self.param_names}
+                for k in self.proj_dims}
+
+
+def projected_gradients(model: nn.Module, input_ids: Int[Tensor, "batch seq"], labels: Int[Tensor, "batch seq"],
+                        projection: GradientProjection) -> dict[int, dict[str, Tensor]]:
+    """``{k: {weight name: (batch, k)}}``: factored projections of every per-example weight gradient.
+
+    Each site is projected inside its backward hook and its factors are dropped at once, so memory does
+    not grow with the number of layers or of examples.
+    """
+    out: dict[int, dict[str, Tensor]] = {k: {} for k in projection.proj_dims}
+
+    def project(site: Site, x: Tensor, g: Tensor) -> None:
+        for k in projection.proj_dims:
+            part = projection.project_site(site, k, x, g)
+            previous = out[k].get(site.param_name)
+            out[k][site.param_name] = part if previous is None else previous + part
+
+    _run_with_hooks(model, input_ids, labels, projection.sites, project)
+    return out
+
+
+def projected_features(model: nn.Module, encoding: ChatEncoding, start: int, end: int,
+                       projection: GradientProjection, batch_size: int) -> dict[str, Tensor]:
+    """Projected gradients of examples ``start:end`` as store tensors ``{"k{k}/{weight}": (end-start, k)}``."""
+    require_int("batch_size", batch_size, minimum=1)
+    device = next(model.parameters()).device
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for lo in range(start, end, batch_size):
+        batch = encoding.select(lo, min(lo + batch_size, end))
+        projected = projected_gradients(model, batch.input_ids.to(device), batch.labels.to(device), projection)
+        for k, per_param in projected.items():
+            for name, value in per_param.items():
+                parts[f"k{k}/{name}"].append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def capture_rows(model: nn.Module, encoding: ChatEncoding, start: int, end: int, sites: Sequence[Site],
+                 batch_size: int) -> Factors:
+    """:func:`capture_factors` for examples ``start:end`` in batches of ``batch_size``, concatenated."""
+    device = next(model.parameters()).device
+    parts = []
+    for lo in range(start, end, batch_size):
+        batch = encoding.select(lo, min(lo + batch_size, end))
+        parts.append(capture_factors(model, batch.input_ids.to(device), batch.labels.to(device), sites=sites))
+    return Factors.concat(parts)
+
+
+def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Exact per-weight inner products ``<grad_i, grad_j>`` of the examples of ``a`` and ``b``.
+
+    Returns ``(dots {name: (n_a, n_b)}, squared norms of a {name: (n_a,)}, of b {name: (n_b,)})``. The
+    gradients are materialised weight by weight, in row chunks of at most ``max_elements`` numbers.
+    """
+    dots, sq_a, sq_b = {}, {}, {}
+    for name in a.param_names:
+        out, inp = a.param_shape(name)
+        rows = max(1, max_elements // (out * inp))
+        dot = torch.empty(a.n, b.n, dtype=torch.float64)
+        norm_a = torch.empty(a.n, dtype=torch.float64)
+        norm_b = torch.empty(b.n, dtype=torch.float64)
+        for lo in range(0, a.n, rows):
+            ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
+            norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1).cpu()
+            for lo_b in range(0, b.n, rows):
+                gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
+                if lo == 0:
+                    norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1).cpu()
+                dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double().cpu()
+        dots[name], sq_a[name], sq_b[name] = dot, norm_a, norm_b
+    return dots, sq_a, sq_b
+
+
+def exact_gram_rows(model: nn.Module, keys: ChatEncoding, queries: ChatEncoding, start: int, end: int,
+                    sites: Sequence[Site], batch_size: int, max_elements: int = 1 << 28) -> dict[str, Tensor]:
+    """Exact inner products of key examples ``start:end`` with every query, as store tensors.
+
+    ``{"dot/{weight}": (end-start, n_queries), "sqnorm/{weight}": (end-start,)}`` and the queries' squared
+    norms ``{"query_sqnorm/{weight}": (n_queries,)}`` (the same in every partition). The keys' factors stay
+    in memory while the queries stream through in batches.
+    """
+    key_factors = capture_rows(model, keys, start, end, sites, batch_size)
+    dots: dict[str, list[Tensor]] = defaultdict(list)
+    query_norms: dict[str, list[Tensor]] = defaultdict(list)
+    key_norms: dict[str, Tensor] = {}
+    for lo in range(0, len(queries), batch_size):
+        query_factors = capture_rows(model, queries, lo, min(lo + batch_size, len(queries)), sites, batch_size)
+        dot, sq_key, sq_query = factor_gram(key_factors, query_factors, max_elements)
+        for name in dot:
+            dots[name].append(dot[name])
+            query_norms[name].append(sq_query[name])
+            key_norms[name] = sq_key[name]
+        del query_factors
+    tensors = {}
+    for name in dots:
+        tensors[f"dot/{name}"] = torch.cat(dots[name], dim=1)
+        tensors[f"sqnorm/{name}"] = key_norms[name]
+        tensors[f"query_sqnorm/{name}"] = torch.cat(query_norms[name])
+    return tensors

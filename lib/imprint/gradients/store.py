@@ -1,0 +1,263 @@
+"""A partitioned on-disk store of per-example tensors, for the gradient-similarity chapter (03).
+
+A store is a folder: ``manifest.json`` (the number of rows and a *spec*: everything that determines the
+stored numbers, such as the model, the data fingerprint, the projection seed and dimensions) and one
+safetensors file per partition ``[start, end)`` of the rows, ``part-0000000-0000064.safetensors``.
+Every tensor of a partition has ``end - start`` rows, except the *shared* tensors named in the spec,
+which every partition carries whole and which must agree across partitions.
+
+Partitions are independent: separate processes (Dask tasks, cluster jobs) can fill disjoint ranges of
+the same folder, or of separate folders that :func:`merge_stores` joins afterwards. A partition file is
+written to a temporary name and then hard-linked to its final name, which fails if the name exists:
+nothing stored is ever overwritten, and a reader sees a partition whole or not at all. Each file records
+the sha256 of its tensors, checked on load. :func:`fill_partitions` computes the partitions of a range
+that are not yet stored, so a killed run resumes at the first unfinished one, and because a partition's
+numbers depend only on its rows, the resumed store holds identical numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from imprint.runtime.checks import require_int
+from imprint.runtime.io import atomic_write_json
+
+FORMAT = "imprint-partitioned-store/1"
+_PART = re.compile(r"^part-(\d{7})-(\d{7})\.safetensors$")
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _canonical(spec: Mapping[str, Any]) -> dict:
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def check_range(start: int, end: int, n_rows: int, what: str = "partition range") -> tuple[int, int]:
+    """``[start, end)`` within ``[0, n_rows)`` and non-empty, or a ``ValueError`` naming the range."""
+    require_int("start", start)
+    require_int("end", end)
+    if not 0 <= start < end <= n_rows:
+        raise ValueError(f"{what} [start={start}, end={end}): expected 0 <= start < end <= {n_rows} "
+                         f"(the dataset has {n_rows} rows)")
+    return start, end
+
+
+class GradientStore:
+    """Partitions of per-example tensors in ``root`` (see the module docstring).
+
+    Opening a folder that already holds a store with a different ``n_rows`` or ``spec`` raises a
+    ``ValueError``: the stored numbers were computed differently and are neither mixed nor replaced.
+    """
+
+    def __init__(self, root: str | Path, n_rows: int, spec: Mapping[str, Any], shared: Sequence[str] = ()):
+        self.root = Path(root)
+        self.n_rows = require_int("n_rows", n_rows, minimum=1)
+        self.shared_prefixes = tuple(shared)
+        self.spec = _canonical({**spec, "shared": list(shared)})
+        manifest = {"format": FORMAT, "n_rows": self.n_rows, "spec": self.spec}
+        path = self.root / "manifest.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored != manifest:
+                changed = sorted(k for k in set(stored.get("spec", {})) | set(self.spec)
+                                 if stored.get("spec", {}).get(k) != self.spec.get(k))
+                if stored.get("n_rows") != self.n_rows:
+                    changed.append("n_rows")
+                raise ValueError(f"store {str(self.root)!r} holds results computed with different settings "
+                                 f"({', '.join(changed) or 'format'}); use another folder or remove it by hand")
+        else:
+            atomic_write_json(path, manifest)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "GradientStore":
+        """An existing store, with the settings of its manifest."""
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"root={str(root)!r}: no store here (manifest.json is missing)")
+        stored = json.loads(path.read_text())
+        spec = dict(stored["spec"])
+        shared = spec.pop("shared", [])
+        return cls(root, stored["n_rows"], spec, shared)
+
+    def _path(self, start: int, end: int) -> Path:
+        return self.root / f"part-{start:07d}-{end:07d}.safetensors"
+
+    def partitions(self) -> list[tuple[int, int]]:
+        """Stored partitions, sorted by start."""
+        found = (_PART.match(p.name) for p in self.root.iterdir()) if self.root.is_dir() else ()
+        return sorted((int(m.group(1)), int(m.group(2))) for m in found if m)
+
+    def has(self, start: int, end: int) -> bool:
+        return self._path(start, end).is_file()
+
+    def _is_shared(self, key: str) -> bool:
+        return key.startswith(self.shared_prefixes) if self.shared_prefixes else False
+
+    def write(self, start: int, end: int, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Store partition ``[start, end)``; refuses overlaps with stored partitions and never overwrites."""
+        check_range(start, end, self.n_rows)
+        if not tensors:
+            raise ValueError("tensors is empty: a partition needs at least one tensor")
+        for key, value in tensors.items():
+            if not self._is_shared(key) and (value.ndim == 0 or value.shape[0] != end - start):
+                raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}: expected {end - start} rows "
+                                 f"for partition [{start}, {end})")
+        for s, e in self.partitions():
+            if s < end and start < e:
+                raise FileExistsError(f"partition [{start}, {end}) overlaps the stored partition [{s}, {e}) "
+                                      f"in {str(self.root)!r}; stored partitions are never overwritten")
+        data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta = {"start": str(start), "end": str(end), "sha256": _digest(data)}
+        final = self._path(start, end)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        try:
+            save_file(data, tmp, metadata=meta)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.link(tmp, final)  # fails if the name exists: no overwrite, even between processes
+        finally:
+            os.unlink(tmp)
+        return final
+
+    def read(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """One partition, verified against its recorded sha256."""
+        path = self._path(start, end)
+        if not path.is_file():
+            raise FileNotFoundError(f"partition [{start}, {end}) is not stored in {str(self.root)!r}")
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        if meta.get("sha256") != _digest(tensors):
+            raise ValueError(f"{path}: contents do not match the recorded sha256 (corrupted file); "
+                             "delete it to recompute the partition")
+        return tensors
+
+    def coverage(self) -> list[tuple[int, int]]:
+        """The ranges of rows not stored yet."""
+        gaps, cursor = [], 0
+        for s, e in self.partitions():
+            if s > cursor:
+                gaps.append((cursor, s))
+            cursor = max(cursor, e)
+        if cursor < self.n_rows:
+            gaps.append((cursor, self.n_rows))
+        return gaps
+
+    def is_complete(self) -> bool:
+        return not self.coverage()
+
+    def load(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """All rows, partitions concatenated in order; shared tensors checked equal across partitions."""
+        gaps = self.coverage()
+        if gaps:
+            raise ValueError(f"store {str(self.root)!r} is incomplete: rows {gaps} are not stored yet")
+        wanted = set(keys) if keys is not None else None
+        rows: dict[str, list[torch.Tensor]] = {}
+        shared: dict[str, torch.Tensor] = {}
+        for s, e in self.partitions():
+            for key, value in self.read(s, e).items():
+                if wanted is not None and key not in wanted:
+                    continue
+                if self._is_shared(key):
+                    if key in shared and not torch.equal(shared[key], value):
+                        raise ValueError(f"shared tensor {key!r} differs between partitions of {str(self.root)!r}")
+                    shared.setdefault(key, value)
+                else:
+                    rows.setdefault(key, []).append(value)
+        if wanted is not None and wanted - set(rows) - set(shared):
+            raise KeyError(f"keys {sorted(wanted - set(rows) - set(shared))[:3]} are not in the store")
+        return {**{k: torch.cat(v) for k, v in rows.items()}, **shared}
+
+
+def plan_partitions(start: int, end: int, partition_size: int, n_rows: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut into consecutive partitions of ``partition_size`` rows (the last may be shorter)."""
+    check_range(start, end, n_rows)
+    require_int("partition_size", partition_size, minimum=1)
+    return [(s, min(s + partition_size, end)) for s in range(start, end, partition_size)]
+
+
+def fill_partitions(store: GradientStore, start: int, end: int, partition_size: int,
+                    compute: Callable[[int, int], Mapping[str, torch.Tensor]], progress: bool = True,
+                    desc: str = "partitions") -> list[tuple[int, int]]:
+    """Compute and write every partition of ``[start, end)`` not yet stored; return those computed.
+
+    A planned partition that overlaps a stored one with different bounds is an error (raised before any
+    compute), since the stored partition was cut differently.
+    """
+    planned = plan_partitions(start, end, partition_size, store.n_rows)
+    stored = set(store.partitions())
+    for s, e in planned:
+        if (s, e) in stored:
+            continue
+        clash = [(a, b) for a, b in stored if a < e and s < b]
+        if clash:
+            raise FileExistsError(f"partition [{s}, {e}) overlaps stored partitions {clash[:2]} in "
+                                  f"{str(store.root)!r}: use the partition_size they were written with")
+    todo = [p for p in planned if p not in stored]
+    for s, e in tqdm(todo, desc=desc, disable=not progress):
+        store.write(s, e, compute(s, e))
+    return todo
+
+
+def merge_stores(destination: str | Path, sources: Sequence[str | Path]) -> GradientStore:
+    """Copy the partitions of ``sources`` into ``destination`` (created with their settings if absent).
+
+    All stores must have equal settings; partitions already in ``destination`` with the same bounds must
+    hold the same numbers (checked by digest), and no two partitions may overlap.
+    """
+    if not sources:
+        raise ValueError("sources is empty: expected at least one store to merge")
+    opened = [GradientStore.open(s) for s in sources]
+    first = opened[0]
+    for other in opened[1:]:
+        if other.spec != first.spec or other.n_rows != first.n_rows:
+            raise ValueError(f"stores {str(first.root)!r} and {str(other.root)!r} hold results computed with "
+                             "different settings; they cannot be merged")
+    spec = dict(first.spec)
+    shared = spec.pop("shared", [])
+    target = GradientStore(destination, first.n_rows, spec, shared)
+    for source in opened:
+        if source.root.resolve() == target.root.resolve():
+            continue
+        for s, e in source.partitions():
+            src = source._path(s, e)
+            if target.has(s, e):
+                if _digest(target.read(s, e)) != _digest(source.read(s, e)):
+                    raise ValueError(f"partition [{s}, {e}) differs between {str(source.root)!r} and "
+                                     f"{str(target.root)!r}")
+                continue
+            overlap = [(a, b) for a, b in target.partitions() if a < e and s < b]
+            if overlap:
+                raise FileExistsError(f"partition [{s}, {e}) of {str(source.root)!r} overlaps {overlap[:2]} "
+                                      f"in {str(target.root)!r}")
+            source.read(s, e)  # verify the digest before copying
+            fd, tmp = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".tmp", dir=target.root)
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.link(tmp, target._path(s, e))
+            finally:
+                os.unlink(tmp)
+    return target
