@@ -242,7 +242,8 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
     """Train ``S = x.shape[0]`` bias-free MLPs by full-batch GD, one per row of ``x`` / ``targets``.
 
     With ``checkpoint_dir`` the weights and history are saved every ``checkpoint_every`` steps, and a
-    restarted call continues from the last valid checkpoint, producing the same weights.
+    restarted call continues from the last valid checkpoint at or before ``config.steps``, producing the
+    same weights (gradient descent is deterministic, so a later checkpoint is never needed).
     """
     from imprint.runtime.checkpoint import Checkpointer
 
@@ -258,7 +259,7 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
     targets = targets.to(device, dtype if config.loss == "logistic" else torch.int64)
 
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
-    state = ckpt.latest() if ckpt else None
+    state = ckpt.latest(max_unit=config.steps) if ckpt else None
     if state is not None and state.meta.get("config") != _config_key(config, seeds, tuple(x.shape)):
         raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with another configuration "
                          f"({state.meta.get('config')}); use a fresh folder")

@@ -70,6 +70,22 @@ class KKTFit:
         return np.flatnonzero(self.lam > 1e-6 * max(self.lam.max(), 1e-300))
 
 
+def save_fit(path, fit: KKTFit) -> None:
+    """Store a fit (safetensors + JSON metadata), so that a resumed notebook need not refit."""
+    from imprint.runtime.io import atomic_save_tensors
+
+    atomic_save_tensors(path, {"lam": torch.as_tensor(fit.lam), "margins": torch.as_tensor(fit.margins)},
+                        {"rel_residual": fit.rel_residual, "layer_residuals": fit.layer_residuals})
+
+
+def load_fit(path) -> KKTFit:
+    from imprint.runtime.io import load_tensor_metadata, load_tensors
+
+    tensors, meta = load_tensors(path), load_tensor_metadata(path)
+    return KKTFit(tensors["lam"].numpy(), float(meta["rel_residual"]), tensors["margins"].numpy(),
+                  dict(meta["layer_residuals"]))
+
+
 def fit_kkt_multipliers(jac: Float[Tensor, "n p"], theta: Float[Tensor, " p"],
                         y: Float[Tensor, " n"]) -> tuple[np.ndarray, Float[Tensor, " p"]]:
     """Best lam >= 0 for theta ~ J^T (y * lam), and the residual vector theta - J^T (y * lam)."""

@@ -34,8 +34,9 @@ def executed_dir(profile: str, root: Path) -> Path:
 
 def metrics_files(profile: str, root: Path) -> dict[str, Path]:
     """notebook -> metrics.json of the given profile's runs."""
-    if profile == RECORD:
-        return {p.stem: p for p in sorted((root / "book" / "metrics").glob("*.json"))}
+    if profile == RECORD:  # the full runs and their full_* variants
+        return {p.stem.replace(".", " [", 1) + ("]" if "." in p.stem else ""): p
+                for p in sorted((root / "book" / "metrics").glob("*.json"))}
     return {p.parent.parent.name: p for p in sorted((root / "results").glob(f"*/{profile}/metrics.json"))}
 
 
@@ -105,6 +106,34 @@ def _filter_toc(toc: dict, keep: set[str]) -> dict:
     return toc
 
 
+def local_mathjax() -> Path | None:
+    """MathJax shipped by the ``jupyter-server-mathjax`` package, so the book renders math offline."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        return None
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    return static if (static / "MathJax.js").is_file() else None
+
+
+def _config(root: Path, src: Path) -> dict:
+    """The project's _config.yml, pointed at a local MathJax when one is installed (else the CDN)."""
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    mathjax = local_mathjax()
+    if mathjax is not None:
+        # an extra path, not _static: Jupyter Book adds a script tag for every .js file in _static
+        shutil.copytree(mathjax, src / "_mathjax" / "mathjax")
+        sphinx = config.setdefault("sphinx", {}).setdefault("config", {})
+        sphinx["html_extra_path"] = ["_mathjax"]
+        sphinx["mathjax_path"] = "../mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"  # relative to _static
+        # MathJax 2 reads its own configuration; the version-3 object would replace it
+        sphinx["mathjax3_config"] = None
+        sphinx["myst_update_mathjax"] = False
+        sphinx["mathjax2_config"] = {"tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
+                                                 "processEscapes": True}}
+    return config
+
+
 def stage(profile: str, root: Path | None = None) -> Path:
     """Assemble the book's sources for ``profile`` under ``_build/book/<profile>/src``."""
     root = root or repo_root()
@@ -124,6 +153,7 @@ def stage(profile: str, root: Path | None = None) -> Path:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
     toc = _filter_toc(yaml.safe_load((src / "_toc.yml").read_text()), sources)
     atomic_write_text(src / "_toc.yml", yaml.safe_dump(toc, sort_keys=False))
+    atomic_write_text(src / "_config.yml", yaml.safe_dump(_config(root, src), sort_keys=False))
     files = metrics_files(profile, root)
     for page, marker, text in (("synthesis.md", METRICS_MARKER, metrics_table(files)),
                                ("reproducibility.md", PROVENANCE_MARKER, provenance_table(files)),
@@ -143,7 +173,7 @@ def build(profile: str = CI, root: Path | None = None, quiet: bool = True) -> Pa
     out = root / "_build" / "book" / profile
     shutil.rmtree(out / "_build", ignore_errors=True)
     exe = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--config", str(root / "_config.yml"),
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--config", str(src / "_config.yml"),
            "--toc", str(src / "_toc.yml"), "--path-output", str(out), "--warningiserror", "--keep-going", "--all"]
     if quiet:
         cmd.append("-q")

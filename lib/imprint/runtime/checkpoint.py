@@ -84,9 +84,9 @@ class Checkpointer:
             meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
         return Checkpoint(unit, load_tensors(path, device), meta)
 
-    def latest(self, device: str | torch.device = "cpu") -> Checkpoint | None:
-        """The newest valid checkpoint, or None when there is none."""
-        for unit in reversed(self.units()):
+    def latest(self, device: str | torch.device = "cpu", max_unit: int | None = None) -> Checkpoint | None:
+        """The newest valid checkpoint (of a unit <= ``max_unit`` if given), or None when there is none."""
+        for unit in reversed([u for u in self.units() if max_unit is None or u <= max_unit]):
             ckpt = self.load(unit, device)
             if ckpt is not None:
                 return ckpt

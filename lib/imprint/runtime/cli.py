@@ -5,12 +5,14 @@
     python -m imprint run 00 --profile full       # the result of record, into book/
     python -m imprint run 00 -p n_train=100 -p steps=2000
     python -m imprint book --profile ci           # prints the path of index.html
+    python -m imprint export --to _build/notebooks/ci   # .ipynb copies (no outputs), e.g. for nbmake
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from imprint.runtime.params import CI, ParameterError, all_notebooks, load_spec, parse_override, resolve_run
 
@@ -61,6 +63,20 @@ def _cmd_book(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import nbformat
+
+    from imprint.runtime.params import read_notebook, resolve_notebook
+
+    dest = Path(args.to)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in args.notebooks or all_notebooks():
+        source = resolve_notebook(name)
+        nbformat.write(read_notebook(source), dest / f"{source.stem}.ipynb")
+        print(dest / f"{source.stem}.ipynb")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p_book = sub.add_parser("book", help="build the book from executed notebooks (never executes)")
     p_book.add_argument("--profile", default=CI, help="ci (default) or full (the book of record)")
     p_book.add_argument("--verbose", action="store_true")
+    p_export = sub.add_parser("export", help="write .ipynb copies of the MyST sources (no execution)")
+    p_export.add_argument("notebooks", nargs="*")
+    p_export.add_argument("--to", required=True, help="destination folder")
     args = parser.parse_args(argv)
     try:
-        return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book}[args.command](args)
+        return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book, "export": _cmd_export}[args.command](args)
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,10 @@ def current_profile() -> str:
 
 
 def results_dir(notebook: str) -> Path:
-    """The run's results folder, created if needed."""
+    """The run's results folder, created if needed: ``$IMPRINT_RESULTS_DIR`` under the runner, else
+    ``results/<notebook>/<$IMPRINT_PROFILE or interactive>`` (nbmake runs set only the profile)."""
     folder = os.environ.get(ENV_RESULTS)
-    path = Path(folder) if folder else repo_root() / "results" / notebook / INTERACTIVE
+    path = Path(folder) if folder else repo_root() / "results" / notebook / current_profile()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,8 +1,10 @@
 """Execute notebooks with papermill: MyST source -> executed notebook + ``metrics.json`` with provenance.
 
-ci and variant runs write their executed copies to ``_build/notebooks/<label>/``; a successful ``full``
-run is then promoted to ``book/notebooks/`` (the results of record) with its metrics copied to
-``book/metrics/``, so a failed or interrupted full run never replaces the record. A failing notebook
+Every run writes its executed copy to ``_build/notebooks/<label>/``. A successful run of a record
+profile (``full``, or a ``full_*`` variant) is then promoted: its metrics are copied to
+``book/metrics/<notebook>.json`` (``<notebook>.<profile>.json`` for a variant) and, for ``full``, the
+executed notebook to ``book/notebooks/`` as the chapter's page. A failed or interrupted run therefore
+never replaces the record. A failing notebook
 keeps its partial executed copy, and the error names the failing cell.
 """
 
@@ -27,7 +29,7 @@ from imprint.runtime.provenance import collect, git_state, package_versions, rep
 from imprint.runtime.results import ENV_PROFILE, ENV_RESULTS
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg",
+               "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 DEFAULT_TIMEOUT = {"ci": 900, RECORD: 3600}
@@ -48,8 +50,17 @@ class RunPaths:
     record: Path | None  # book/notebooks/<notebook>.ipynb for the full profile
 
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Path:  # noqa: D102
         return self.results / "metrics.json"
+
+
+def is_record(label: str) -> bool:
+    """``full`` and ``full_*`` runs without overrides are results of record."""
+    return label == RECORD or label.startswith(RECORD + "_")
+
+
+def record_metrics_path(name: str, label: str, root: Path) -> Path:
+    return root / "book" / "metrics" / (f"{name}.json" if label == RECORD else f"{name}.{label}.json")
 
 
 def run_paths(run: ResolvedRun, root: Path | None = None) -> RunPaths:
@@ -147,7 +158,7 @@ def _record_provenance(run: ResolvedRun, paths: RunPaths, wall: float, root: Pat
     with atomic_path(paths.executed) as tmp:
         nbformat.write(nb, tmp)
     if paths.record is not None:
-        paths.record.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(paths.record) as tmp:
             shutil.copyfile(paths.executed, tmp)
-        atomic_write_json(root / "book" / "metrics" / f"{run.spec.name}.json", metrics)
+    if is_record(run.label):
+        atomic_write_json(record_metrics_path(run.spec.name, run.label, root), metrics)

@@ -1,0 +1,50 @@
+# The verbs a newcomer needs. Logic lives in lib/imprint; this file only wires commands together.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+EXTRAS  ?= run,models,test
+
+.PHONY: setup run book record test unit notebooks e2e browser lab clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## .venv with the package, its extras and the CPU build of torch
+$(STAMP): pyproject.toml constraints-cpu.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+run: setup  ## the main job: every notebook's ci profile, then the ci book
+	$(PY) -m imprint run --profile ci
+	$(PY) -m imprint book --profile ci
+
+record: setup  ## the book of record, from the committed full-profile notebooks (executes nothing)
+	$(PY) -m imprint book --profile full
+
+test: setup browser  ## every test: units, notebooks under nbmake, the books in Chromium
+	$(PY) -m pytest -q tests/unit tests/notebooks
+	$(MAKE) --no-print-directory notebooks
+	$(PY) -m imprint book --profile ci
+	$(PY) -m imprint book --profile full
+	IMPRINT_BOOK=ci $(PY) -m pytest -q tests/e2e
+	IMPRINT_BOOK=full $(PY) -m pytest -q tests/e2e
+
+notebooks: setup  ## every notebook's ci profile under nbmake, executed copies kept for the ci book
+	rm -rf _build/notebooks/ci results/*/ci
+	$(PY) -m imprint export --to _build/notebooks/ci
+	IMPRINT_PROFILE=ci HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite --nbmake-timeout=900 _build/notebooks/ci
+
+browser:  ## headless Chromium and its driver for the end-to-end tests (Debian packages)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+lab: setup  ## JupyterLab on 127.0.0.1 (on a cluster node: prints the SSH tunnel to paste)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[lab]"
+	@port=$${PORT:-8888}; host=$$(hostname); \
+	  echo "On your laptop: ssh -N -L $$port:127.0.0.1:$$port $$USER@$$host   then open the URL below"; \
+	  $(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$$port notebooks
+
+clean:  ## remove built books, executed ci notebooks and ci results (keeps the record and .venv)
+	rm -rf _build results

@@ -1,0 +1,37 @@
+"""The committed notebooks of record must run the code their sources hold now."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from imprint.runtime.params import all_notebooks, read_notebook
+from imprint.runtime.provenance import repo_root
+from imprint.runtime.runner import code_cells
+
+ROOT = repo_root()
+RECORDS = sorted((ROOT / "book" / "notebooks").glob("*.ipynb"))
+
+
+def test_every_record_has_a_source():
+    missing = [p.stem for p in RECORDS if p.stem not in all_notebooks()]
+    assert not missing, f"records without a source in notebooks/: {missing}"
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[p.stem for p in RECORDS])
+def test_record_matches_source(record: Path):
+    source = code_cells(read_notebook(ROOT / "notebooks" / f"{record.stem}.md"))
+    executed = code_cells(nbformat.read(record, as_version=4))
+    changed = [i for i, (a, b) in enumerate(zip(source, executed)) if a != b]
+    assert len(source) == len(executed) and not changed, (
+        f"{record.relative_to(ROOT)} is stale: code cells {changed or 'count'} differ from "
+        f"notebooks/{record.stem}.md; rerun it with `python -m imprint run {record.stem} --profile full`")
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=[p.stem for p in RECORDS])
+def test_record_has_metrics_and_provenance(record: Path):
+    import json
+
+    metrics = json.loads((ROOT / "book" / "metrics" / f"{record.stem}.json").read_text())
+    assert metrics["profile"] == "full" and metrics["metrics"]
+    assert nbformat.read(record, as_version=4).metadata["imprint"]["profile"] == "full"
