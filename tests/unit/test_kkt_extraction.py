@@ -195,3 +195,17 @@ def test_bad_config_values_are_refused():
         ExtractionConfig(form="hinge")
     with pytest.raises(ValueError, match="lengths"):
         Hyperparameters((0.1,), (0.1, 0.2), (0.1,), (0.1,), (1.0,), (0,))
+
+
+def test_per_pixel_box_and_one_network_per_configuration():
+    nets = [tiny_weights(seed=s) for s in range(3)]
+    stacked = [torch.stack([net[i] for net in nets]) for i in range(3)]
+    labels = candidate_labels(8, signed=True)
+    low, high = -torch.rand(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.1
+    config = ExtractionConfig(steps=6, dtype="float64", log_every=2)
+    together = extract(stacked, labels, 4, HYPER, config, progress=False, box=(low, high))
+    for k in range(3):
+        alone = extract(nets[k], labels, 4, HYPER.subset([k]), config, progress=False, box=(low, high))
+        assert torch.allclose(together.x[k], alone.x[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="box"):
+        extract(nets[0], labels, 4, HYPER, config, box=(high, low))

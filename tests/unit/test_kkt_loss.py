@@ -283,3 +283,20 @@ def test_bad_weights_and_labels_are_refused():
     model.layers[0] = torch.nn.Linear(4, 6, bias=True)
     with pytest.raises(ValueError, match="bias"):
         model_weights(model)
+
+
+def test_one_network_per_configuration_equals_separate_networks():
+    nets = [random_weights([5, 7, 6, 1], seed=s) for s in range(3)]
+    stacked = [torch.stack([net[i] for net in nets]) for i in range(3)]
+    x = torch.randn(3, 4, 5)
+    lam = torch.rand(3, 4)
+    y = candidate_labels(4, signed=True)
+    alpha = torch.tensor([5.0, 10.0, 20.0])
+    together = kkt_stationarity_loss(stacked, x, lam, y, alpha)
+    for k in range(3):
+        alone = kkt_stationarity_loss(nets[k], x[k:k + 1], lam[k:k + 1], y, alpha[k:k + 1])
+        assert torch.allclose(together[k], alone[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="stacks 2 networks"):
+        check_weights([stacked[0], stacked[1][:2], stacked[2]])
+    with pytest.raises(ValueError, match="one per configuration"):
+        check_weights(stacked, n_configs=5)

@@ -201,35 +201,51 @@ def _run_key(weights, labels, hyper: Hyperparameters, config: ExtractionConfig) 
 
 def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hyperparameters,
             config: ExtractionConfig, device: torch.device | str = "cpu",
-            checkpoint_dir: str | Path | None = None, progress: bool = True) -> ExtractionResult:
-    """Run the attack on the trained ``weights`` (``[out, in]`` per layer) for every configuration.
+            checkpoint_dir: str | Path | None = None, progress: bool = True,
+            box: tuple[Tensor, Tensor] | None = None) -> ExtractionResult:
+    """Run the attack on the trained ``weights`` for every configuration.
+
+    ``weights`` holds one ``[out, in]`` matrix per layer (one network attacked by every configuration), or
+    ``[K, out, in]`` stacks (configuration k attacks network k: a search over several networks in one run).
 
     ``labels`` are the candidates' labels (``candidate_labels``): ``m = len(labels)`` candidates, which
-    must be at least the ``n_train`` the attack is after (Haim et al. use ``m = 2 n``). With
+    must be at least the ``n_train`` the attack is after (Haim et al. use ``m = 2 n``). ``box``, a pair of
+    per-pixel bounds ``[d]``, replaces the config's scalar box (e.g. ``(-mean, 1 - mean)``: the pixels of a
+    mean-subtracted image in [0, 1]). With
     ``checkpoint_dir`` the state is saved every ``checkpoint_every`` steps and at the end; a restarted
     call continues from the last valid checkpoint and gives the same numbers.
     """
     from imprint.runtime.checkpoint import Checkpointer
 
-    check_weights(weights)
+    check_weights(weights, n_configs=len(hyper))
     m = int(labels.shape[0]) if labels.ndim == 1 else -1
     require_int("n_train", n_train, minimum=1)
     if m < n_train:
         raise ValueError(f"n_candidates={m} (len(labels)): expected at least n_train={n_train} candidates, "
                          "one per training sample the attack looks for (m = 2 n is the usual choice)")
-    d_out = weights[-1].shape[0]
+    d_out = weights[-1].shape[-2]
     check_labels(labels, m, d_out, config.form)
     if config.form == "binary" and d_out != 1:
         raise ValueError(f"form='binary' needs one output, the weights have d_out={d_out}")
     device = torch.device(device)
     dtype = config.torch_dtype
-    d = weights[0].shape[1]
+    d = weights[0].shape[-1]
     k = len(hyper)
 
+    if box is not None:
+        low, high = (torch.as_tensor(b, dtype=torch.float64) for b in box)
+        if low.shape != (d,) or high.shape != (d,) or not bool((low < high).all()):
+            raise ValueError(f"box has bounds of shapes {tuple(low.shape)} and {tuple(high.shape)}: expected two "
+                             f"per-pixel bounds of shape ({d},) with low < high everywhere")
+        box_low, box_high = low.to(device, dtype), high.to(device, dtype)
+    else:
+        box_low, box_high = config.box_low, config.box_high
     theta = [w.detach().to(device, dtype) for w in weights]
     y = labels.to(device)
     init_scale, lr_x, lr_lambda, lambda_min, alpha = (hyper.tensor(n, device, dtype) for n in HYPERPARAMETERS)
     key = _run_key(weights, labels, hyper, config)
+    if box is not None:
+        key["box"] = _weights_digest([box_low.reshape(1, -1), box_high.reshape(1, -1)])
 
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state = ckpt.latest() if ckpt else None
@@ -253,7 +269,7 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
 
     def losses(x_: Tensor, lam_: Tensor) -> tuple[Tensor, Tensor]:
         kkt = kkt_stationarity_loss(theta, x_, lam_, y, alpha, config.form)
-        prior = box_prior(x_, config.box_low, config.box_high)
+        prior = box_prior(x_, box_low, box_high)
         if use_lambda_prior:
             prior = prior + lambda_prior(lam_, lambda_min, config.lambda_weight)
         return kkt, prior

@@ -102,26 +102,34 @@ def model_weights(model: nn.Module) -> list[Tensor]:
     return [layer.weight.detach() for layer in layers]
 
 
-def check_weights(weights: Sequence[Tensor], d_in: int | None = None) -> None:
-    """Consecutive layers must chain: ``weights[i]`` is ``[out_i, in_i]`` with ``in_i = out_{i-1}``."""
+def check_weights(weights: Sequence[Tensor], d_in: int | None = None, n_configs: int | None = None) -> None:
+    """Consecutive layers must chain: ``weights[i]`` is ``[out_i, in_i]`` with ``in_i = out_{i-1}``, or, for one
+    network per configuration, ``[K, out_i, in_i]`` with the same ``K`` in every layer."""
     if len(weights) < 1:
         raise ValueError("weights is empty: expected one [out, in] matrix per layer")
+    ndim = weights[0].ndim
     for i, w in enumerate(weights):
-        if w.ndim != 2:
-            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: expected a matrix [out, in]")
-        if i and w.shape[1] != weights[i - 1].shape[0]:
-            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: its input size {w.shape[1]} does not "
-                             f"match the output size {weights[i - 1].shape[0]} of weights[{i - 1}]")
-    if d_in is not None and weights[0].shape[1] != d_in:
+        if w.ndim not in (2, 3) or w.ndim != ndim:
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: expected every layer to be a matrix "
+                             "[out, in], or every layer a stack [K, out, in]")
+        if ndim == 3 and w.shape[0] != weights[0].shape[0]:
+            raise ValueError(f"weights[{i}] stacks {w.shape[0]} networks, weights[0] stacks {weights[0].shape[0]}")
+        if i and w.shape[-1] != weights[i - 1].shape[-2]:
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}: its input size {w.shape[-1]} does not "
+                             f"match the output size {weights[i - 1].shape[-2]} of weights[{i - 1}]")
+    if d_in is not None and weights[0].shape[-1] != d_in:
         raise ValueError(f"weights[0] has shape {tuple(weights[0].shape)}: expected input size d_in={d_in} "
                          "(the candidates' dimension)")
+    if n_configs is not None and ndim == 3 and weights[0].shape[0] != n_configs:
+        raise ValueError(f"weights stack {weights[0].shape[0]} networks: expected one per configuration "
+                         f"({n_configs}) or a single network")
 
 
 def surrogate_forward(weights: Sequence[Tensor], x: Float[Tensor, "k m d"],
                       alpha: Float[Tensor, " k"]) -> Float[Tensor, "k m c"]:
     """Outputs of the MLP with ModifiedReLU(alpha_k) on candidates ``x[k]``.
 
-    ``weights[i]`` is ``[out, in]`` (shared by all configurations) or ``[K, out, in]`` (one copy each).
+    ``weights[i]`` is ``[out, in]`` (shared by all configurations) or ``[K, out, in]`` (one network each).
     """
     a = alpha.reshape(-1, 1, 1).to(x.dtype)
     h = x
@@ -176,19 +184,22 @@ def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], 
                           ) -> Float[Tensor, " k"]:
     """Per-configuration ``sum_layers ||theta - (1/m) grad_theta sum_j w_j(x_j, lam_j)||^2``.
 
-    ``weights`` are the trained matrices (detached, shared); ``x`` the K candidate sets, ``lam`` their
-    multipliers, ``y`` the labels shared by the K sets, ``alpha`` the K ModifiedReLU sharpnesses. The
-    result is differentiable with respect to ``x`` and ``lam`` (second order through the network).
+    ``weights`` are the trained matrices ``[out, in]`` shared by all configurations, or ``[K, out, in]``, one
+    network per configuration (e.g. the attacked network and its controls in one batch); ``x`` the K
+    candidate sets, ``lam`` their multipliers, ``y`` the labels shared by the K sets, ``alpha`` the K
+    ModifiedReLU sharpnesses. The result is differentiable with respect to ``x`` and ``lam`` (second order
+    through the network); the weights are treated as constants.
     """
     k, m, _ = x.shape
     theta = [w.detach().to(x.dtype) for w in weights]
     # One leaf copy of theta per configuration: the gradient of the summed outputs with respect to the
     # copies is the K per-configuration sums, computed in one backward. expand() shares the storage.
-    copies = [t.unsqueeze(0).expand(k, *t.shape).requires_grad_(True) for t in theta]
+    copies = [(t.unsqueeze(0).expand(k, *t.shape) if t.ndim == 2 else t.detach()).requires_grad_(True)
+              for t in theta]
     out = surrogate_forward(copies, x, alpha)
     total = weighted_outputs(out, lam, y, form).sum() / m
     grads = torch.autograd.grad(total, copies, create_graph=True)
-    return sum(((t - g) ** 2).sum((1, 2)) for t, g in zip(theta, grads))
+    return sum(((c.detach() - g) ** 2).sum((1, 2)) for c, g in zip(copies, grads))
 
 
 def box_prior(x: Float[Tensor, "k m d"], low: float | Tensor = -1.0, high: float | Tensor = 1.0
