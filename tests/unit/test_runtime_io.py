@@ -72,3 +72,12 @@ def test_seed_everything_is_reproducible_and_checks_its_argument():
     torch.testing.assert_close(torch.rand(3), a)
     with pytest.raises(ValueError, match="seed=-1"):
         seed_everything(-1)
+
+
+def test_git_state_falls_back_to_the_environment_outside_a_checkout(tmp_path, monkeypatch):
+    from imprint.runtime.provenance import git_state
+
+    monkeypatch.setenv("IMPRINT_GIT_SHA", "abc123")
+    monkeypatch.setenv("IMPRINT_GIT_DIRTY", "1")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert git_state(tmp_path) == {"sha": "abc123", "dirty": True}

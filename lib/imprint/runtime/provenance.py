@@ -22,13 +22,11 @@ def repo_root() -> Path:
 
 
 def git_state(root: Path | None = None) -> dict:
-    """SHA and dirty flag; where the tree has no .git (a copy shipped to a GPU node), the values of
-    ``IMPRINT_GIT_SHA`` / ``IMPRINT_GIT_DIRTY`` set by whoever made the copy."""
+    """SHA and dirty flag. Where git cannot tell (a copy of the tree shipped to a GPU node without its
+    .git), the values of ``IMPRINT_GIT_SHA`` / ``IMPRINT_GIT_DIRTY`` set by whoever made the copy."""
     import os
 
     root = root or repo_root()
-    if not (root / ".git").exists() and os.environ.get("IMPRINT_GIT_SHA"):
-        return {"sha": os.environ["IMPRINT_GIT_SHA"], "dirty": os.environ.get("IMPRINT_GIT_DIRTY", "0") == "1"}
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
@@ -36,6 +34,8 @@ def git_state(root: Path | None = None) -> dict:
                                     capture_output=True, text=True, check=True, timeout=10).stdout.strip())
         return {"sha": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
+        if os.environ.get("IMPRINT_GIT_SHA"):
+            return {"sha": os.environ["IMPRINT_GIT_SHA"], "dirty": os.environ.get("IMPRINT_GIT_DIRTY", "0") == "1"}
         return {"sha": None, "dirty": None}
 
 
