@@ -45,3 +45,20 @@ def test_failure_names_the_cell_keeps_the_partial_copy_and_never_touches_the_rec
         execute(resolve_run("99_toy", "full", root=project), root=project, progress=False)
     assert err.value.partial is not None and err.value.partial.is_file()
     assert record.read_text() == "previous record"
+
+
+def test_book_takes_prose_from_the_source_only_when_the_code_is_unchanged(project):
+    from imprint.runtime.book import refresh_prose
+    from imprint.runtime.params import read_notebook
+
+    source_path = project / "notebooks" / "99_toy.md"
+    paths = execute(resolve_run("99_toy", root=project), root=project, progress=False)
+    executed = nbformat.read(paths.executed, as_version=4)
+    source_path.write_text(source_path.read_text().replace("# A toy", "# A toy, revised"))
+    merged = refresh_prose(executed, read_notebook(source_path))
+    assert "revised" in merged.cells[0].source
+    assert any(o for c in merged.cells for o in c.get("outputs", []))  # outputs kept
+    source_path.write_text(source_path.read_text().replace("n * lr", "n * lr * 2"))
+    executed = nbformat.read(paths.executed, as_version=4)
+    unchanged = refresh_prose(executed, read_notebook(source_path))
+    assert "revised" not in unchanged.cells[0].source

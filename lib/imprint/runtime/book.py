@@ -20,7 +20,7 @@ import nbformat
 import yaml
 
 from imprint.runtime.io import atomic_write_text
-from imprint.runtime.params import CI, RECORD, all_notebooks
+from imprint.runtime.params import CI, RECORD, all_notebooks, read_notebook
 from imprint.runtime.provenance import package_versions, repo_root
 
 METRICS_MARKER = "<!-- imprint:metrics-table -->"
@@ -91,6 +91,20 @@ def environment_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def refresh_prose(executed, source):
+    """The executed notebook with its markdown cells taken from the current source, when the code is
+    unchanged: prose can be edited after a long GPU run without rerunning it. Otherwise unchanged."""
+    cells = [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    if len(cells) != len(source.cells) or any(
+            a.cell_type != b.cell_type or (a.cell_type == "code" and a.source.strip() != b.source.strip())
+            for a, b in zip(cells, source.cells)):
+        return executed
+    for cell, new in zip(cells, source.cells):
+        if cell.cell_type == "markdown":
+            cell.source = new.source
+    return executed
+
+
 def _placeholder(source: Path, profile: str) -> str:
     title = next((line.lstrip("# ").strip() for line in source.read_text().splitlines() if line.startswith("# ")),
                  source.stem)
@@ -147,7 +161,7 @@ def stage(profile: str, root: Path | None = None) -> Path:
     for name in sorted(sources):
         nb_path = executed / f"{name}.ipynb"
         if nb_path.is_file():
-            nb = nbformat.read(nb_path, as_version=4)
+            nb = refresh_prose(nbformat.read(nb_path, as_version=4), read_notebook(root / "notebooks" / f"{name}.md"))
             nbformat.write(nb, src / "notebooks" / f"{name}.ipynb")
         else:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
