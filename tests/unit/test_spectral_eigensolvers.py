@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from imprint.spectral.eigensolvers import (hutchinson_trace, lanczos_eigsh, lanczos_svd, participation_ratio,
-                                           spectral_entropy, spectrum_statistics, symmetric_eigenvalues)
+from imprint.spectral.eigensolvers import (block_lanczos_eigsh, hutchinson_trace, lanczos_eigsh, lanczos_svd,
+                                           participation_ratio, spectral_entropy, spectrum_statistics,
+                                           symmetric_eigenvalues)
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +127,31 @@ def test_spectrum_statistics_of_a_known_jacobian():
     assert stats["top_singular_value"] == pytest.approx(float(torch.linalg.svdvals(j)[0]))
     assert stats["asymmetry"] == pytest.approx(float(torch.linalg.norm(j - j.T) / torch.linalg.norm(j)))
     assert stats["effective_rank"] == pytest.approx(math.exp(stats["spectral_entropy"]))
+
+
+@pytest.mark.parametrize("block_size,which", [(1, "largest"), (4, "largest"), (8, "magnitude"), (5, "smallest")])
+def test_block_lanczos_matches_dense_eigh(block_size, which):
+    g = torch.Generator().manual_seed(7)
+    b = torch.randn(120, 120, generator=g, dtype=torch.float64)
+    a = (b + b.T) / 2
+    res = block_lanczos_eigsh(lambda rows: rows @ a, 120, 8, block_size=block_size, which=which, tol=1e-10,
+                              max_basis=120)
+    evals = torch.linalg.eigvalsh(a)
+    key = {"largest": -evals, "smallest": evals, "magnitude": -evals.abs()}[which]
+    torch.testing.assert_close(res.eigenvalues, evals[torch.argsort(key)][:8], rtol=1e-8, atol=1e-8)
+    resid = a @ res.eigenvectors - res.eigenvectors * res.eigenvalues
+    assert resid.norm(dim=0).max() < 1e-6
+
+
+def test_block_lanczos_on_a_decaying_spectrum_and_after_an_invariant_subspace():
+    spectrum = 1.0 / (1.0 + np.arange(300)) ** 2
+    a = symmetric_with_spectrum(spectrum, seed=8)
+    res = block_lanczos_eigsh(lambda rows: rows @ a, 300, 10, block_size=5, tol=1e-9)
+    assert res.converged and res.n_matvec < 300
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(spectrum[:10]), rtol=1e-7, atol=1e-11)
+    low_rank = symmetric_with_spectrum([5.0, 4.0, 3.0, 2.0, 1.0] + [0.0] * 25, seed=9)
+    res = block_lanczos_eigsh(lambda rows: rows @ low_rank, 30, 8, block_size=3, max_basis=30, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([5.0, 4, 3, 2, 1, 0, 0, 0], dtype=torch.float64),
+                               atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        block_lanczos_eigsh(lambda rows: rows, 10, 2, block_size=0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from imprint.models.ddpm import DDPMConfig, DDPMEnsemble, build_scheduler
-from imprint.spectral.eigensolvers import hutchinson_trace, lanczos_eigsh, lanczos_svd, symmetric_eigenvalues
+from imprint.spectral.eigensolvers import (block_lanczos_eigsh, hutchinson_trace, lanczos_eigsh, lanczos_svd,
+                                           symmetric_eigenvalues)
 from imprint.spectral.operators import (dense_denoiser_jacobians, denoiser_jacobian, denoiser_map,
                                         make_probe_points)
 
@@ -52,7 +53,14 @@ def test_jvp_and_vjp_match_central_finite_differences(unet, point, target):
     torch.testing.assert_close(op.rmatvec(u), dense.T @ u, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.sym_matvec(u), 0.5 * (dense + dense.T) @ u, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.gram_matvec(u), dense.T @ (dense @ u), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.dense(chunk_size=10), dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.dense(chunk_size=10), dense, rtol=1e-10, atol=1e-12)
+    forward = denoiser_jacobian(unet, CFG, point, t=20, label=1, target=target, forward_mode=True)
+    torch.testing.assert_close(forward.matvec(v), op.matvec(v), rtol=1e-10, atol=1e-12)
+    rows = torch.randn(5, 64, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(rows), rows @ dense.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward.matmat(rows, chunk_size=2), rows @ dense.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.rmatmat(rows, chunk_size=3), rows @ dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.sym_matmat(rows), rows @ (0.5 * (dense + dense.T)), rtol=1e-10, atol=1e-12)
 
 
 def test_the_three_targets_are_related_by_the_noise_schedule(unet, point):
@@ -95,6 +103,8 @@ def test_lanczos_on_the_unet_jacobian_matches_dense_eigh_and_svd(unet, point):
     torch.testing.assert_close(res.eigenvalues, symmetric_eigenvalues(dense)[:6], rtol=1e-8, atol=1e-9)
     sv = lanczos_svd(op.matvec, op.rmatvec, 64, 4, tol=1e-12, max_iter=64)
     torch.testing.assert_close(sv.eigenvalues, torch.linalg.svdvals(dense)[:4], rtol=1e-7, atol=1e-9)
+    block = block_lanczos_eigsh(op.sym_matmat, 64, 6, block_size=3, tol=1e-10, max_basis=64)
+    torch.testing.assert_close(block.eigenvalues, symmetric_eigenvalues(dense)[:6], rtol=1e-8, atol=1e-9)
     tr = hutchinson_trace(op.matvec, 64, 200, matmat=op.matmat)
     assert abs(tr.estimate - float(dense.trace())) < 5 * tr.standard_error + 1e-9
 

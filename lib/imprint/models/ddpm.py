@@ -15,6 +15,7 @@ public API follow the paper's convention t in [1, T]; diffusers indexes the same
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -124,10 +125,26 @@ def build_scheduler(config: DDPMConfig) -> "DDPMScheduler":  # noqa: F821
                          clip_sample=True, clip_sample_range=1.0, variance_type="fixed_small")
 
 
+@functools.lru_cache(maxsize=16)
+def _alphas_cumprod(config: DDPMConfig) -> Tensor:
+    return build_scheduler(config).alphas_cumprod.clone()
+
+
+def alphas_cumprod(config: DDPMConfig) -> Float[Tensor, " T"]:
+    """abar at diffusers' 0-based indices 0..T-1 (a copy; the schedule is computed once per config)."""
+    return _alphas_cumprod(config).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_unet(config: DDPMConfig) -> nn.Module:
+    # weightless skeleton for torch.func.functional_call; holds no state, so one per config suffices
+    return build_unet(config).to("meta")
+
+
 def alpha_bar(config: DDPMConfig, t: int) -> float:
     """abar_t = prod_{s <= t} (1 - beta_s) for the paper's t in [1, T]."""
     t = check_timestep(config, t)
-    return float(build_scheduler(config).alphas_cumprod[t - 1])
+    return float(_alphas_cumprod(config)[t - 1])
 
 
 def check_timestep(config: DDPMConfig, t, name: str = "t") -> int:
@@ -169,7 +186,7 @@ class DDPMEnsemble:
     vectorize: bool | None = None
 
     def __post_init__(self):
-        self._base = build_unet(self.config).to("meta")
+        self._base = _meta_unet(self.config)
         expected = {k: tuple(v.shape) for k, v in self._base.named_parameters()}
         found = {k: tuple(v.shape[1:]) for k, v in self.params.items()}
         if expected != found:
@@ -231,8 +248,9 @@ class DDPMEnsemble:
 
     def model(self, m: int) -> nn.Module:
         """Member ``m`` as an ordinary ``UNet2DModel`` (a copy of its weights), in eval mode."""
-        unet = build_unet(self.config).to(device=self.device, dtype=self.dtype)
-        unet.load_state_dict({k: v.detach().clone() for k, v in self.member_params(m).items()})
+        unet = build_unet(self.config)
+        # assign=True adopts the stored tensors (device and dtype included) without diffusers' dtype cast
+        unet.load_state_dict({k: v.detach().clone() for k, v in self.member_params(m).items()}, assign=True)
         return unet.eval()
 
     def functional(self, params: dict[str, Tensor], x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
@@ -411,8 +429,7 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
     opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.Adam(leaves, lr=options.lr, **opt_kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / options.n_steps)
-    noise_sched = build_scheduler(config)
-    abar = noise_sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    abar = alphas_cumprod(config).to(device=device, dtype=torch.float32)
     gens = member_generators([derive_seed(s, 1) for s in seeds], device)
     data = [(x.to(device, torch.float32), lab.to(device)) for x, lab in datasets]
     losses = torch.zeros(len(seeds), options.n_steps)
@@ -524,7 +541,7 @@ def images_from_unit_range(x: Float[Tensor, "*b"]) -> Float[Tensor, "*b"]:
 
 
 __all__ = [
-    "DDPMConfig", "DDPMEnsemble", "DDPMTrainOptions", "alpha_bar", "balanced_labels", "build_scheduler",
+    "DDPMConfig", "DDPMEnsemble", "DDPMTrainOptions", "alpha_bar", "alphas_cumprod", "balanced_labels", "build_scheduler",
     "build_unet", "check_guidance_weight", "check_timestep", "derive_seed", "diffuse", "draw_training_batch",
     "guided_epsilon", "images_from_unit_range", "images_to_unit_range", "load_ensemble", "sample_ddpm",
     "sample_ddpm_ensemble", "save_ensemble", "train_ddpm", "train_ddpm_ensemble",

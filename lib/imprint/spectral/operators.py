@@ -9,8 +9,9 @@ equals the Jacobian of x0_hat with respect to y = x_t / sqrt(abar_t) = x0 + sigm
 the variance-exploding form studied by Kadkhodaie et al. (2024); for the exact MMSE denoiser it is
 Cov[x0 | y] / sigma^2 (Miyasawa / Tweedie), symmetric with eigenvalues in [0, 1] for most densities, and its
 trace counts the directions along which the learned distribution still varies near y. Products with the
-Jacobian come from ``torch.func.jvp`` / ``vjp``; the dense matrix from ``jacfwd`` (under ``vmap`` for many
-probe points at once).
+Jacobian come from ``torch.func`` (vector-Jacobian products, and Jacobian-vector products either in
+forward mode or as the transpose of the former); the dense matrix from ``jacrev`` under ``vmap`` for many
+probe points at once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from imprint.models.ddpm import DDPMConfig, build_scheduler, check_guidance_weight, check_timestep
+from imprint.models.ddpm import DDPMConfig, alphas_cumprod, check_guidance_weight, check_timestep
 from imprint.runtime.checks import require_choice
 
 Target = Literal["epsilon", "x0", "denoiser"]
@@ -29,7 +30,7 @@ TARGETS = ("epsilon", "x0", "denoiser")
 
 
 def _coefficients(config: DDPMConfig, t: int) -> tuple[float, float]:
-    abar = float(build_scheduler(config).alphas_cumprod[t - 1])
+    abar = float(alphas_cumprod(config)[t - 1])
     return abar**0.5, (1.0 - abar) ** 0.5
 
 
@@ -67,71 +68,117 @@ def denoiser_map(model: nn.Module, config: DDPMConfig, t: int, label: int, targe
 
 
 class JacobianOperator:
-    """J = d fn / dx at ``x``, through Jacobian-vector products (J v) and vector-Jacobian products (J^T u)."""
+    """J = d fn / dx at ``x``: products J v and J^T u, one vector (rows of a block) at a time or vmapped.
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], x: Float[Tensor, " d"]):
+    The forward pass runs once: J^T u replays its autograd graph (``torch.func.vjp``); J v is, by default,
+    the vector-Jacobian product of the linear map u -> J^T u (reverse over reverse), which is also built
+    once and replayed. ``forward_mode=True`` uses ``torch.func.jvp`` instead, recomputing the forward pass
+    with dual numbers at every product: exact too, but slower for networks with group normalisation,
+    whose forward-mode rule is a Python decomposition.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], x: Float[Tensor, " d"], forward_mode: bool = False):
         if x.dim() != 1:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected a flat vector")
         self.fn, self.x = fn, x.detach()
         self.dim = x.numel()
+        self.forward_mode = forward_mode
         self._vjp_fn = None
+        self._jvp_fn = None
+
+    def _transpose_product(self):
+        if self._vjp_fn is None:
+            from torch.func import vjp
+
+            _, self._vjp_fn = vjp(self.fn, self.x)
+        return self._vjp_fn
+
+    def _product(self):
+        if self._jvp_fn is None:
+            from torch.func import vjp
+
+            vjp_fn = self._transpose_product()
+            # u -> J^T u is linear, so its vector-Jacobian product with v is J v, at any u
+            _, self._jvp_fn = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(self.x))
+        return self._jvp_fn
 
     def matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
-        from torch.func import jvp
+        """J v."""
+        v = v.to(self.x)
+        if self.forward_mode:
+            from torch.func import jvp
 
-        return jvp(self.fn, (self.x,), (v.to(self.x),))[1].detach()
+            return jvp(self.fn, (self.x,), (v,))[1].detach()
+        return self._product()(v)[0].detach()
+
+    def rmatvec(self, u: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
+        """J^T u."""
+        return self._transpose_product()(u.to(self.x))[0].detach()
 
     def matmat(self, vs: Float[Tensor, "k d"], chunk_size: int | None = 64) -> Float[Tensor, "k d"]:
-        """J applied to each row of ``vs`` (vmapped JVPs, ``chunk_size`` rows at a time)."""
+        """J applied to each row of ``vs`` (vmapped, ``chunk_size`` rows at a time): rows J v_i."""
         from torch.func import jvp, vmap
 
         vs = vs.to(self.x)
-        one = lambda v: jvp(self.fn, (self.x,), (v,))[1]  # noqa: E731
-        step = vs.shape[0] if chunk_size is None else chunk_size
-        return torch.cat([vmap(one)(vs[i:i + step]).detach() for i in range(0, vs.shape[0], step)])
+        if self.forward_mode:
+            one = lambda v: jvp(self.fn, (self.x,), (v,))[1]  # noqa: E731
+        else:
+            product = self._product()
+            one = lambda v: product(v)[0]  # noqa: E731
+        return self._chunked(vmap(one), vs, chunk_size)
 
-    def rmatvec(self, u: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
-        from torch.func import vjp
+    def rmatmat(self, us: Float[Tensor, "k d"], chunk_size: int | None = 64) -> Float[Tensor, "k d"]:
+        """J^T applied to each row of ``us``: rows J^T u_i."""
+        from torch.func import vmap
 
-        if self._vjp_fn is None:
-            _, self._vjp_fn = vjp(self.fn, self.x)
-        return self._vjp_fn(u.to(self.x))[0].detach()
+        transpose = self._transpose_product()
+        return self._chunked(vmap(lambda u: transpose(u)[0]), us.to(self.x), chunk_size)
+
+    @staticmethod
+    def _chunked(fn, rows: Tensor, chunk_size: int | None) -> Tensor:
+        step = rows.shape[0] if chunk_size is None else chunk_size
+        return torch.cat([fn(rows[i:i + step]).detach() for i in range(0, rows.shape[0], step)])
 
     def sym_matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
         """((J + J^T) / 2) v."""
         return 0.5 * (self.matvec(v) + self.rmatvec(v))
+
+    def sym_matmat(self, vs: Float[Tensor, "k d"], chunk_size: int | None = 64) -> Float[Tensor, "k d"]:
+        """((J + J^T) / 2) applied to each row of ``vs``."""
+        return 0.5 * (self.matmat(vs, chunk_size) + self.rmatmat(vs, chunk_size))
 
     def gram_matvec(self, v: Float[Tensor, " d"]) -> Float[Tensor, " d"]:
         """J^T J v."""
         return self.rmatvec(self.matvec(v))
 
     def dense(self, chunk_size: int | None = None) -> Float[Tensor, "d d"]:
-        """The full Jacobian by forward mode, ``[d_out, d_in]``: ``jacfwd``, or vmapped JVPs against the
-        identity ``chunk_size`` columns at a time (bounded memory for large images)."""
-        from torch.func import jacfwd
-
+        """The full Jacobian ``[d_out, d_in]``: ``jacfwd`` when ``chunk_size`` is None, otherwise its rows
+        J^T e_i from vmapped vector-Jacobian products, ``chunk_size`` at a time (one forward pass)."""
         if chunk_size is None:
+            from torch.func import jacfwd
+
             return jacfwd(self.fn)(self.x).detach()
         eye = torch.eye(self.dim, dtype=self.x.dtype, device=self.x.device)
-        return self.matmat(eye, chunk_size).T
+        return self.rmatmat(eye, chunk_size)
 
 
 def denoiser_jacobian(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "c h w"], t: int, label: int,
-                      target: str = "denoiser", guidance_weight: float = 0.0) -> JacobianOperator:
-    """The Jacobian operator of :func:`denoiser_map` at the noisy image ``x_t``."""
+                      target: str = "denoiser", guidance_weight: float = 0.0,
+                      forward_mode: bool = False) -> JacobianOperator:
+    """The Jacobian operator of :func:`denoiser_map` at the noisy image ``x_t`` (see :class:`JacobianOperator`)."""
     t = check_timestep(config, t, "t")
     if tuple(x_t.shape) != config.image_shape:
         raise ValueError(f"x_t has shape {tuple(x_t.shape)}: expected {config.image_shape}")
     fn = denoiser_map(model, config, t, label, target, guidance_weight)
     p = next(model.parameters())
-    return JacobianOperator(fn, x_t.reshape(-1).to(device=p.device, dtype=p.dtype))
+    return JacobianOperator(fn, x_t.reshape(-1).to(device=p.device, dtype=p.dtype), forward_mode)
 
 
 def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "p c h w"],
                              t: Sequence[int] | Int[Tensor, " p"], labels: Sequence[int] | Int[Tensor, " p"],
                              target: str = "denoiser") -> Float[Tensor, "p d d"]:
-    """Exact Jacobians at ``p`` probe points at once (``vmap`` over probes of ``jacfwd``), conditional model."""
-    from torch.func import jacfwd, vmap
+    """Exact Jacobians at ``p`` probe points at once (``vmap`` over probes of ``jacrev``), conditional model."""
+    from torch.func import jacrev, vmap
 
     require_choice("target", target, TARGETS)
     t_list = [check_timestep(config, int(v), "t") for v in torch.as_tensor(t).reshape(-1).tolist()]
@@ -144,7 +191,7 @@ def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Te
     if bad:
         raise ValueError(f"labels={bad[:3]}: expected classes in [0, {config.n_classes - 1}]")
     p = next(model.parameters())
-    abar = build_scheduler(config).alphas_cumprod.to(device=p.device, dtype=p.dtype)
+    abar = alphas_cumprod(config).to(device=p.device, dtype=p.dtype)
     t_idx = torch.tensor(t_list, device=p.device) - 1
     lab = torch.tensor(lab_list, device=p.device)
     shape = config.image_shape
@@ -157,7 +204,7 @@ def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Te
         return d if target == "denoiser" else d / a.sqrt()
 
     flat = x_t.reshape(n, -1).to(device=p.device, dtype=p.dtype)
-    return vmap(jacfwd(single, argnums=0))(flat, t_idx, lab, abar[t_idx]).detach()
+    return vmap(jacrev(single, argnums=0))(flat, t_idx, lab, abar[t_idx]).detach()
 
 
 def make_probe_points(x0: Float[Tensor, "p c h w"], labels: Int[Tensor, " p"], timesteps: Sequence[int],
@@ -173,7 +220,7 @@ def make_probe_points(x0: Float[Tensor, "p c h w"], labels: Int[Tensor, " p"], t
     ts = [check_timestep(config, int(t), "probe_timesteps") for t in timesteps]
     if not ts:
         raise ValueError("probe_timesteps is empty: expected at least one timestep in [1, T]")
-    abar = build_scheduler(config).alphas_cumprod.to(torch.float64)
+    abar = alphas_cumprod(config).to(torch.float64)
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn((len(ts), *x0.shape), generator=gen, dtype=torch.float64)
     pts = []
