@@ -3,7 +3,7 @@
 Baseline: one ``nn.Module`` per seed, autograd backward and ``torch.optim.SGD``, one seed after another
 (the usual training script). Candidates, in the same process on the same data: the batched trainer of
 ``imprint.models.mlp`` without CUDA graphs (eager) and with them (GPU only). Writes
-``benchmarks/results/mlp_step_<device>.json``.
+``benchmarks/results/mlp_step_<device>_w<width>.json``.
 
     python benchmarks/bench_mlp_step.py --device cuda --steps 2000
 """
@@ -95,7 +95,7 @@ def main():
         "ms_per_model_step": {k: 1e3 * v / total_steps for k, v in results.items()},
         "speedup_vs_plain_loop": {k: results["plain_loop"] / v for k, v in results.items()},
     }
-    out = Path(__file__).parent / "results" / f"mlp_step_{device.type}.json"
+    out = Path(__file__).parent / "results" / f"mlp_step_{device.type}_w{args.width}.json"
     atomic_write_json(out, record)
     print(record)
 
