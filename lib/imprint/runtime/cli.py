@@ -6,6 +6,7 @@
     python -m imprint run 00 -p n_train=100 -p steps=2000
     python -m imprint book --profile ci           # prints the path of index.html
     python -m imprint export --to _build/notebooks/ci   # .ipynb copies (no outputs), e.g. for nbmake
+    python -m imprint sweep 00 --grid n_train=50,100 --grid lr=0.1,0.5 --workers 2   # resumable
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from imprint.runtime.sweep import make_client, parse_grid, run_sweep
+
+    grid = parse_grid(args.grid)
+    client = make_client(args.scheduler, args.workers)
+    try:
+        summary = run_sweep(args.notebook, args.profile, grid, client=client, timeout=args.timeout)
+    finally:
+        client.close()
+    print(f"{summary['ran']} run, {summary['skipped']} already done, {len(summary['failed'])} failed")
+    for failure in summary["failed"]:
+        print(f"failed {failure['overrides']}:\n{failure['error']}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,9 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     p_export = sub.add_parser("export", help="write .ipynb copies of the MyST sources (no execution)")
     p_export.add_argument("notebooks", nargs="*")
     p_export.add_argument("--to", required=True, help="destination folder")
+    p_sweep = sub.add_parser("sweep", help="run a notebook over a grid of parameters with Dask (resumable)")
+    p_sweep.add_argument("notebook")
+    p_sweep.add_argument("--profile", default=CI)
+    p_sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2", help="values of one parameter")
+    p_sweep.add_argument("--workers", type=int, default=1)
+    p_sweep.add_argument("--scheduler", default="local", choices=["local", "slurm", "lsf"])
+    p_sweep.add_argument("--timeout", type=float, default=None, help="seconds per notebook")
     args = parser.parse_args(argv)
     try:
-        return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book, "export": _cmd_export}[args.command](args)
+        return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book, "export": _cmd_export,
+                "sweep": _cmd_sweep}[args.command](args)
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,12 @@ PACKAGES = ("imprint", "torch", "numpy", "scipy", "scikit-learn", "transformers"
 
 
 def repo_root() -> Path:
-    """The project root: the folder holding ``pyproject.toml`` above this package (or the cwd)."""
+    """The project root: ``$IMPRINT_ROOT`` if set, else the folder holding ``pyproject.toml`` and
+    ``notebooks/`` above this package, else the working directory."""
+    import os
+
+    if os.environ.get("IMPRINT_ROOT"):
+        return Path(os.environ["IMPRINT_ROOT"])
     here = Path(__file__).resolve()
     for parent in here.parents:
         if (parent / "pyproject.toml").is_file() and (parent / "notebooks").is_dir():
