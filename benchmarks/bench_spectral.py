@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tol", type=float, default=1e-6)
-    parser.add_argument("--chunk", type=int, default=256, help="identity columns per vmapped JVP batch (dense)")
+    parser.add_argument("--chunk", type=int, default=256, help="identity rows per vmapped vector-Jacobian batch (dense)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--sizes", nargs="*", default=DEFAULT_SIZES, choices=list(SIZES),
                         help="64x64x3 (d = 12288) is offered for GPUs: its dense Jacobian takes 600 MiB in float32")

@@ -91,6 +91,8 @@ def test_batched_dense_jacobians_equal_one_at_a_time(unet):
     ts, labels = [5, 25, 50], [0, 2, 1]
     for target in ["epsilon", "denoiser", "x0"]:
         batched = dense_denoiser_jacobians(unet, CFG, xs, ts, labels, target)
+        chunked = dense_denoiser_jacobians(unet, CFG, xs, ts, labels, target, max_rows=50)  # 1 probe, 50 rows
+        torch.testing.assert_close(chunked, batched, rtol=1e-10, atol=1e-12)
         for i in range(3):
             single = denoiser_jacobian(unet, CFG, xs[i], ts[i], labels[i], target).dense()
             torch.testing.assert_close(batched[i], single, rtol=1e-10, atol=1e-12)

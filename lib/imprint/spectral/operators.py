@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from imprint.models.ddpm import DDPMConfig, alphas_cumprod, check_guidance_weight, check_timestep
-from imprint.runtime.checks import require_choice
+from imprint.runtime.checks import require_choice, require_int
 
 Target = Literal["epsilon", "x0", "denoiser"]
 TARGETS = ("epsilon", "x0", "denoiser")
@@ -176,11 +176,19 @@ def denoiser_jacobian(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "
 
 def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Tensor, "p c h w"],
                              t: Sequence[int] | Int[Tensor, " p"], labels: Sequence[int] | Int[Tensor, " p"],
-                             target: str = "denoiser") -> Float[Tensor, "p d d"]:
-    """Exact Jacobians at ``p`` probe points at once (``vmap`` over probes of ``jacrev``), conditional model."""
-    from torch.func import jacrev, vmap
+                             target: str = "denoiser", max_rows: int | None = None) -> Float[Tensor, "p d d"]:
+    """Exact Jacobians at ``p`` probe points (``vmap`` over probes of ``jacrev``), conditional model.
+
+    When all ``p * d`` rows fit in ``max_rows`` (default 2^17 / d, so the back-propagated activations stay
+    near a constant size), one vmapped ``jacrev`` computes everything; otherwise each probe gets one forward
+    pass and its rows J^T e_i are back-propagated ``max_rows`` at a time, which bounds the memory that a
+    single batched call at 28x28 would blow up to gigabytes.
+    """
+    from torch.func import jacrev, vjp, vmap
 
     require_choice("target", target, TARGETS)
+    if max_rows is not None:
+        require_int("max_rows", max_rows, minimum=1)
     t_list = [check_timestep(config, int(v), "t") for v in torch.as_tensor(t).reshape(-1).tolist()]
     lab_list = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
     n = x_t.shape[0]
@@ -204,7 +212,19 @@ def dense_denoiser_jacobians(model: nn.Module, config: DDPMConfig, x_t: Float[Te
         return d if target == "denoiser" else d / a.sqrt()
 
     flat = x_t.reshape(n, -1).to(device=p.device, dtype=p.dtype)
-    return vmap(jacrev(single, argnums=0))(flat, t_idx, lab, abar[t_idx]).detach()
+    d = flat.shape[1]
+    max_rows = max(1, 2**17 // d) if max_rows is None else max_rows
+    a = abar[t_idx]
+    if n * d <= max_rows:  # small images: every probe and every row in one call
+        return vmap(jacrev(single, argnums=0))(flat, t_idx, lab, a).detach()
+    # large images: one forward pass per probe, then its rows J^T e_i, max_rows at a time
+    eye = torch.eye(d, device=p.device, dtype=p.dtype)
+    out = []
+    for i in range(n):
+        _, vjp_fn = vjp(lambda x: single(x, t_idx[i], lab[i], a[i]), flat[i])
+        rows = vmap(lambda u: vjp_fn(u)[0])
+        out.append(torch.cat([rows(eye[j:j + max_rows]).detach() for j in range(0, d, max_rows)]))
+    return torch.stack(out)
 
 
 def make_probe_points(x0: Float[Tensor, "p c h w"], labels: Int[Tensor, " p"], timesteps: Sequence[int],
