@@ -91,6 +91,16 @@ def test_an_ensemble_member_equals_the_same_model_trained_alone():
         torch.testing.assert_close(both.params[k][1], alone.params[k][0], rtol=1e-5, atol=1e-6)
 
 
+def test_vmapped_training_equals_looped_training():
+    data = [tiny_data(12, 0), tiny_data(10, 1)]
+    opts = DDPMTrainOptions(n_steps=4, batch_size=6)
+    looped, l_loss = train_ddpm_ensemble(data, [3, 4], TINY, opts, vectorize=False)
+    vmapped, v_loss = train_ddpm_ensemble(data, [3, 4], TINY, opts, vectorize=True)
+    torch.testing.assert_close(v_loss, l_loss, rtol=1e-4, atol=1e-6)
+    for k in looped.params:
+        torch.testing.assert_close(vmapped.params[k], looped.params[k], rtol=1e-4, atol=1e-5)
+
+
 def test_vmapped_and_looped_ensembles_compute_the_same_function():
     ens = DDPMEnsemble.initialise(TINY, [0, 1, 2])
     x = torch.randn(3, 5, *TINY.image_shape)

@@ -15,6 +15,7 @@ public API follow the paper's convention t in [1, T]; diffusers indexes the same
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ class DDPMEnsemble:
 
     def model(self, m: int) -> nn.Module:
         """Member ``m`` as an ordinary ``UNet2DModel`` (a copy of its weights), in eval mode."""
-        unet = build_unet(self.config)
+        unet = copy.deepcopy(_meta_unet(self.config))  # a weightless skeleton: no initialisation to pay for
         # assign=True adopts the stored tensors (device and dtype included) without diffusers' dtype cast
         unet.load_state_dict({k: v.detach().clone() for k, v in self.member_params(m).items()}, assign=True)
         return unet.eval()
@@ -432,7 +433,7 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
     abar = alphas_cumprod(config).to(device=device, dtype=torch.float32)
     gens = member_generators([derive_seed(s, 1) for s in seeds], device)
     data = [(x.to(device, torch.float32), lab.to(device)) for x, lab in datasets]
-    losses = torch.zeros(len(seeds), options.n_steps)
+    losses = torch.zeros(len(seeds), options.n_steps, device=device)  # read back once, at the end
     steps = range(options.n_steps)
     if options.progress:
         steps = tqdm(steps, desc=f"train {len(seeds)} DDPM", leave=False)
@@ -451,9 +452,9 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
         per_member.sum().backward()
         opt.step()
         sched.step()
-        losses[:, step] = per_member.detach().cpu()
+        losses[:, step] = per_member.detach()
     trained = DDPMEnsemble(config, {k: v.detach() for k, v in ens.params.items()}, ens.buffers, ens.vectorize)
-    return trained, losses
+    return trained, losses.cpu()
 
 
 def train_ddpm(x: Float[Tensor, "n c h w"], labels: Int[Tensor, " n"], seed: int, config: DDPMConfig,
