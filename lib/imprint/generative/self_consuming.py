@@ -11,6 +11,8 @@ share the generation-0 model (its training does not depend on the regime). After
 (samples, labels, losses, and whatever ``evaluate`` returns) is checkpointed with its sha256; a run restarted
 in the same folder continues after the last valid record, recomputes a corrupted one, and produces the same
 numbers; a folder written with another architecture or other settings is refused before any compute.
+``first_departure`` is the detection rule of the chapter: the first generation at which a signal leaves
+the band that its generation-0 values span over seeds.
 """
 
 from __future__ import annotations

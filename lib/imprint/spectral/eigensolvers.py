@@ -5,10 +5,12 @@ available only through Jacobian-vector and vector-Jacobian products. The symmetr
 (with full reorthogonalisation against every earlier Lanczos vector, applied twice, so the basis stays
 orthonormal to machine precision) builds a tridiagonal matrix whose extreme eigenvalues (Ritz values)
 converge to those of the operator; it stops when the Ritz residuals ``beta_m |s_{m,i}|`` of the wanted
-ones fall below ``tol`` times the largest Ritz value. Singular values are the square roots of the
-eigenvalues of J^T J, run through the same iteration. The Hutchinson estimator tr(A) ~ mean_i v_i^T A v_i
-uses Rademacher probes. This is written by hand because the wanted operators live on the GPU as torch
-functions; ``scipy.sparse.linalg.eigsh`` is the reference in the tests.
+ones fall below ``tol`` times the largest Ritz value. Block Lanczos does the same with blocks of vectors,
+so that a GPU applies the operator to many vectors in one vmapped call. Singular values are the square
+roots of the eigenvalues of J^T J, run through the same iteration. The Hutchinson estimator
+tr(A) ~ mean_i v_i^T A v_i uses Rademacher probes. This is written by hand because the operators live on
+the GPU as torch functions; dense ``eigh`` / ``svd`` and ``scipy.sparse.linalg.eigsh`` are the references
+in the tests.
 """
 
 from __future__ import annotations
