@@ -201,3 +201,35 @@ def test_baselines_need_a_held_out_pool_covering_the_classes():
         baseline_scores(x_train, l_train, x_held[l_held == 0], l_held[l_held == 0], mean, (8, 8))
     with pytest.raises(ValueError, match="image_shape"):
         ssim_pairs(torch.rand(2, 64), torch.rand(2, 64), (7, 7))
+
+
+def test_search_selection_rules_and_figures():
+    from types import SimpleNamespace
+
+    from imprint.reconstruction.evaluation import (plot_reconstruction_rows, plot_reconstructions, plot_search,
+                                                   plot_size_sweep, plot_ssim_against, score_search)
+
+    x_train, l_train, x_held, l_held, mean = make_split(seed=3, n_heldout_per_class=18, n_classes=1)
+    base = baseline_scores(x_train, l_train, x_held, l_held, mean, (8, 8))
+    n = len(x_train)
+    noise = torch.randn(3 * n, 64, dtype=torch.float64)  # white noise: nothing like an image
+    x = torch.stack([torch.cat([x_train, noise[: 2 * n]]),  # config 0: copies of the training set
+                     x_held,  # config 1: other real images
+                     torch.cat([x_train[: n // 2], noise[: 3 * n - n // 2]])])  # config 2: half the set
+    result = SimpleNamespace(x=x, final_kkt_loss=torch.tensor([0.5, 0.1, float("nan")]),
+                             diverged=torch.tensor([False, False, True]))
+    search = score_search(result, x_train, mean, (8, 8), base)
+    assert search.counts.tolist() == [n, 0, n // 2]
+    assert search.best_by_count == 0
+    assert search.best_by_loss == 1  # the lowest finite loss of a configuration that did not diverge
+    fig = plot_search({"net": search}, n)
+    assert len(fig.axes) == 1 and len(fig.axes[0].collections) == 1
+    fig = plot_reconstructions(search.scores[0], x[0], x_train, x_held, mean, (8, 8), n_show=4, n_cols=2)
+    assert len(fig.axes) == 2 * 3 * 2
+    fig = plot_reconstruction_rows({"a": (search.scores[0], x[0]), "b": (search.scores[1], x[1])}, x_train, x_held,
+                                   mean, (8, 8), n_show=3)
+    assert len(fig.axes) == 2 * 9
+    fig = plot_ssim_against(search.scores[0].ssim, search.scores[0].memorised, {"margin": torch.rand(n) + 1})
+    assert len(fig.axes) == 1
+    fig = plot_size_sweep([10, 20], {"net": [5, 5]})
+    assert np.allclose(fig.axes[0].lines[0].get_ydata(), [0.5, 0.25])

@@ -209,3 +209,20 @@ def test_per_pixel_box_and_one_network_per_configuration():
         assert torch.allclose(together.x[k], alone.x[0], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="box"):
         extract(nets[0], labels, 4, HYPER, config, box=(high, low))
+
+
+def test_attack_networks_equals_one_run_per_network():
+    from imprint.reconstruction.extraction import attack_networks
+
+    nets = {"a": tiny_weights(seed=0), "b": tiny_weights(seed=1)}
+    labels = candidate_labels(8, signed=True)
+    config = ExtractionConfig(steps=5, dtype="float64", log_every=1)
+    results = attack_networks(nets, labels, 4, HYPER, config, progress=False)
+    assert list(results) == ["a", "b"]
+    for name, weights in nets.items():
+        alone = extract(weights, labels, 4, HYPER, config, progress=False)
+        assert torch.allclose(results[name].x, alone.x, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(results[name].history["kkt_loss"], alone.history["kkt_loss"], rtol=1e-10)
+        assert results[name].hyper == HYPER
+    with pytest.raises(ValueError, match="architecture"):
+        attack_networks({"a": tiny_weights(), "c": tiny_weights((6, 9, 7, 1))}, labels, 4, HYPER, config)

@@ -205,3 +205,165 @@ def score_candidates(candidates: Float[Tensor, "m d"], x_train: Float[Tensor, "n
     matched_ncc = ncc.gather(1, match.reshape(-1, 1))[:, 0]
     memorised = ssim > baseline.nearest_heldout_ssim
     return ReconstructionScores(match, matched_ncc, ssim, memorised, baseline, tuple(thresholds))
+
+
+@dataclass(frozen=True)
+class SearchScores:
+    """The scores of every configuration of a hyperparameter search against one network."""
+
+    scores: list[ReconstructionScores]
+    final_kkt_loss: Float[Tensor, " k"]
+    diverged: Bool[Tensor, " k"]
+
+    @property
+    def counts(self) -> Int[Tensor, " k"]:
+        return torch.tensor([s.memorisation_count for s in self.scores])
+
+    @property
+    def best_by_count(self) -> int:
+        """The configuration with the largest memorisation count: the papers' "best of N" (an oracle rule,
+        it looks at the training set)."""
+        return int(torch.argmax(self.counts))
+
+    @property
+    def best_by_loss(self) -> int:
+        """The configuration with the lowest final KKT loss among those that did not diverge: a rule the
+        attacker can apply without any training image."""
+        loss = torch.where(self.diverged | ~torch.isfinite(self.final_kkt_loss),
+                           torch.full_like(self.final_kkt_loss, float("inf")), self.final_kkt_loss)
+        return int(torch.argmin(loss))
+
+
+def score_search(result, x_train: Float[Tensor, "n d"], mean: Float[Tensor, " d"], image_shape: Sequence[int],
+                 baseline: BaselineScores, train_targets: Tensor | None = None,
+                 candidate_targets: Tensor | None = None, one_to_one: bool = True) -> SearchScores:
+    """:func:`score_candidates` for every configuration of an ``ExtractionResult``."""
+    scores = [score_candidates(result.x[k], x_train, mean, image_shape, baseline, one_to_one=one_to_one,
+                               train_targets=train_targets, candidate_targets=candidate_targets)
+              for k in range(result.x.shape[0])]
+    return SearchScores(scores, result.final_kkt_loss.detach().cpu(), result.diverged.cpu())
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+def _image(x: Tensor, image_shape: Sequence[int]):
+    img = x.detach().cpu().reshape(*image_shape).numpy()
+    return img.transpose(1, 2, 0) if img.ndim == 3 else img
+
+
+def plot_reconstructions(scores: ReconstructionScores, candidates: Float[Tensor, "m d"],
+                         x_train: Float[Tensor, "n d"], x_heldout: Float[Tensor, "p d"], mean: Float[Tensor, " d"],
+                         image_shape: Sequence[int], n_show: int = 24, n_cols: int = 8):
+    """Triplets ordered by SSIM: training image, its one-to-one reconstruction, the nearest held-out
+    real image of its class; a reconstruction that beats the held-out image is framed."""
+    import matplotlib.pyplot as plt
+
+    order = torch.argsort(scores.ssim, descending=True)[:n_show]
+    n_rows = int(np.ceil(len(order) / n_cols))
+    fig, axes = plt.subplots(n_rows, 3 * n_cols, figsize=(3 * n_cols * 0.55, n_rows * 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    mean = mean.double().cpu()
+    pix = candidate_pixels(candidates.detach().double().cpu(), mean)
+    for slot, i in enumerate(order.tolist()):
+        r, c = divmod(slot, n_cols)
+        trio = [x_train[i].double().cpu() + mean, pix[scores.match[i]],
+                x_heldout[scores.baseline.nearest_heldout_index[i]].double().cpu() + mean]
+        titles = ["train", f"{scores.ssim[i]:.2f}", f"{scores.baseline.nearest_heldout_ssim[i]:.2f}"]
+        for j, (img, title) in enumerate(zip(trio, titles)):
+            ax = axes[r, 3 * c + j]
+            ax.imshow(np.clip(_image(img, image_shape), 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=6, pad=1)
+            if j == 1 and bool(scores.memorised[i]):
+                ax.set_axis_on()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_color("tab:red")
+                    spine.set_linewidth(1.5)
+    fig.subplots_adjust(wspace=0.05, hspace=0.35)
+    plt.close(fig)
+    return fig
+
+
+def plot_search(searches: dict, n_train: int):
+    """Memorisation count of every configuration against its final KKT loss, one colour per network."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, search in searches.items():
+        loss = search.final_kkt_loss.clone()
+        ok = torch.isfinite(loss) & ~search.diverged
+        jitter = (torch.rand(len(loss), generator=torch.Generator().manual_seed(0)) - 0.5) * 0.3
+        ax.scatter(loss[ok].numpy(), (search.counts[ok] + jitter[ok]).numpy(), s=18, alpha=0.75,
+                   label=f"{name} (best {int(search.counts.max())}, {int((~ok).sum())} diverged)")
+    ax.set(xscale="log", xlabel="final KKT loss", ylabel=f"memorisation count (of {n_train})")
+    ax.legend()
+    plt.close(fig)
+    return fig
+
+
+def plot_ssim_against(ssim: Float[Tensor, " n"], memorised: Bool[Tensor, " n"], quantities: dict):
+    """One panel per named per-training-image quantity (margin, fitted multiplier...): SSIM against it."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.2), squeeze=False)
+    for ax, (label, values) in zip(axes[0], quantities.items()):
+        v = torch.as_tensor(values).double()
+        ax.scatter(v[~memorised].numpy(), ssim[~memorised].numpy(), s=14, alpha=0.7, label="not memorised")
+        ax.scatter(v[memorised].numpy(), ssim[memorised].numpy(), s=18, alpha=0.9, color="tab:red",
+                   label="memorised")
+        ax.set(xlabel=label, ylabel="SSIM of the reconstruction")
+        if bool((v > 0).all()) and float(v.max() / v.min()) > 30:
+            ax.set_xscale("log")
+    axes[0, 0].legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_size_sweep(sizes: Sequence[int], counts: dict):
+    """Memorised fraction of the training set against its size, one line per network."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    styles = ["o-", "s--", "^:", "d-."]
+    for j, (name, values) in enumerate(counts.items()):
+        frac = np.asarray(values, dtype=float) / np.asarray(sizes, dtype=float)
+        ax.plot(sizes, frac, styles[j % len(styles)], label=name, markersize=7 - 1.5 * j, alpha=0.85)
+    ax.set(xscale="log", xlabel="training-set size n", ylabel="memorised fraction (best of N)", ylim=(-0.02, 1))
+    ax.set_xticks(list(sizes))
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.legend()
+    plt.close(fig)
+    return fig
+
+
+def plot_reconstruction_rows(rows: dict, x_train: Float[Tensor, "n d"], x_heldout: Float[Tensor, "p d"],
+                             mean: Float[Tensor, " d"], image_shape: Sequence[int], n_show: int = 8):
+    """One row per named network: its ``n_show`` best triplets (training image, reconstruction, nearest
+    held-out image), from ``rows = {name: (ReconstructionScores, candidates)}``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3 * n_show, figsize=(3 * n_show * 0.5, len(rows) * 0.85), squeeze=False)
+    mean = mean.double().cpu()
+    for r, (name, (scores, candidates)) in enumerate(rows.items()):
+        pix = candidate_pixels(candidates.detach().double().cpu(), mean)
+        order = torch.argsort(scores.ssim, descending=True)[:n_show].tolist()
+        for ax in axes[r]:
+            ax.set_axis_off()
+        for slot, i in enumerate(order):
+            trio = [x_train[i].double().cpu() + mean, pix[scores.match[i]],
+                    x_heldout[scores.baseline.nearest_heldout_index[i]].double().cpu() + mean]
+            for j, img in enumerate(trio):
+                ax = axes[r, 3 * slot + j]
+                ax.imshow(np.clip(_image(img, image_shape), 0, 1), cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+                if j == 1:
+                    ax.set_title(f"{scores.ssim[i]:.2f}", fontsize=6, pad=1,
+                                 color="tab:red" if bool(scores.memorised[i]) else "black")
+        axes[r, 0].text(-0.1, 0.5, f"{name}\n({scores.memorisation_count} memorised)", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(wspace=0.05, hspace=0.4, left=0.12)
+    plt.close(fig)
+    return fig

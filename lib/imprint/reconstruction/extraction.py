@@ -161,12 +161,13 @@ class ExtractionResult:
     def final_kkt_loss(self) -> Tensor:
         return self.history["kkt_loss"][-1]
 
-    def select(self, k: int) -> "ExtractionResult":
-        """Configuration ``k`` alone, as if it had been run by itself."""
+    def subset(self, index: Sequence[int]) -> "ExtractionResult":
+        """The configurations ``index`` alone, as if they had been run by themselves."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
         hist = {"step": self.history["step"]}
-        hist.update({key: v[:, k:k + 1] for key, v in self.history.items() if key != "step"})
-        return ExtractionResult(self.x[k:k + 1], self.lam[k:k + 1], self.labels, self.diverged[k:k + 1], hist,
-                                self.hyper.subset([k]), self.config, self.steps_done)
+        hist.update({key: v[:, idx] for key, v in self.history.items() if key != "step"})
+        return ExtractionResult(self.x[idx], self.lam[idx], self.labels, self.diverged[idx], hist,
+                                self.hyper.subset(idx.tolist()), self.config, self.steps_done)
 
 
 def initial_state(hyper: Hyperparameters, n_candidates: int, d: int, form: KKTForm,
@@ -325,3 +326,32 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
                "prior_loss": torch.cat(hist_prior).detach().cpu()}
     return ExtractionResult(x.detach().cpu(), lam.detach().cpu(), labels.cpu(), diverged.cpu(), history, hyper,
                             config, step)
+
+
+def attack_networks(networks: Mapping[str, Sequence[Tensor]], labels: Tensor, n_train: int, hyper: Hyperparameters,
+                    config: ExtractionConfig, device: torch.device | str = "cpu",
+                    checkpoint_dir: str | Path | None = None, progress: bool = True,
+                    box: tuple[Tensor, Tensor] | None = None) -> dict[str, ExtractionResult]:
+    """Every configuration of ``hyper`` against every network, as ONE batched optimisation.
+
+    ``networks`` maps a name (the attacked network, its controls) to its weights ``[out, in]`` per layer;
+    all must share the architecture. Configuration k starts from the same candidates on every network
+    (its seed), so the networks are compared on equal terms. Returns one result per network.
+    """
+    names = list(networks)
+    if not names:
+        raise ValueError("networks is empty: expected at least one named network to attack")
+    depth = len(networks[names[0]])
+    for name in names:
+        check_weights(networks[name])
+        shapes = [tuple(w.shape) for w in networks[name]]
+        if shapes != [tuple(w.shape) for w in networks[names[0]]]:
+            raise ValueError(f"networks[{name!r}] has layer shapes {shapes}: expected the architecture of "
+                             f"networks[{names[0]!r}], {[tuple(w.shape) for w in networks[names[0]]]}")
+    k = len(hyper)
+    stacked = [torch.cat([networks[name][i].detach().unsqueeze(0).expand(k, -1, -1) for name in names])
+               for i in range(depth)]
+    everything = Hyperparameters.from_rows(hyper.rows() * len(names))
+    result = extract(stacked, labels, n_train, everything, config, device=device, checkpoint_dir=checkpoint_dir,
+                     progress=progress, box=box)
+    return {name: result.subset(range(j * k, (j + 1) * k)) for j, name in enumerate(names)}
