@@ -30,11 +30,12 @@ test: setup browser  ## every test: units, notebooks under nbmake, the books in 
 	IMPRINT_BOOK=ci $(PY) -m pytest -q tests/e2e
 	IMPRINT_BOOK=full $(PY) -m pytest -q tests/e2e
 
-notebooks: setup  ## every notebook's ci profile under nbmake, executed copies kept for the ci book
-	rm -rf _build/notebooks/ci results/*/ci
-	$(PY) -m imprint export --to _build/notebooks/ci
+notebooks: setup  ## every notebook's ci profile under nbmake; executed copies kept for the ci book
+	rm -rf _nbmake _build/notebooks/ci results/*/ci
+	$(PY) -m imprint export --to _nbmake/ci
 	IMPRINT_PROFILE=ci HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-	  $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite --nbmake-timeout=900 _build/notebooks/ci
+	  $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite --nbmake-timeout=900 _nbmake/ci
+	mkdir -p _build/notebooks/ci && cp _nbmake/ci/*.ipynb _build/notebooks/ci/
 
 browser:  ## headless Chromium and its driver for the end-to-end tests (Debian packages)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -47,4 +48,4 @@ lab: setup  ## JupyterLab on 127.0.0.1 (on a cluster node: prints the SSH tunnel
 	  $(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$$port notebooks
 
 clean:  ## remove built books, executed ci notebooks and ci results (keeps the record and .venv)
-	rm -rf _build results
+	rm -rf _build _nbmake results
