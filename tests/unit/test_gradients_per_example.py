@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from imprint.data.text import InstructionExample, encode_chat_examples
-from imprint.gradients.per_example import (GradientProjection, capture_factors, capture_rows, exact_gram_rows,
-                                           factor_gram, factor_sites, group_name, parameter_groups,
+from imprint.gradients.per_example import (GradientProjection, capture_factors, capture_rows, factor_gram,
+                                           gram_costs, factor_sites, group_name, parameter_groups,
                                            per_example_gradients, per_example_gradients_factored,
                                            per_example_gradients_loop, projected_features, projected_gradients,
                                            sft_loss_per_example, weight_matrix_names)
@@ -104,12 +104,13 @@ def test_projected_features_are_independent_of_batching(lm, encoding):
         torch.testing.assert_close(torch.cat([s[key] for s in split]), value, rtol=1e-6, atol=1e-9)
 
 
-def test_exact_gram_equals_brute_force(lm, encoding, reference):
+@pytest.mark.parametrize("method", ["materialise", "ghost", "auto"])
+def test_exact_gram_equals_brute_force(lm, encoding, reference, method):
     flat = torch.cat([g.flatten(1) for g in reference.values()], dim=1)
     sites = factor_sites(lm.model)
     keys = capture_rows(lm.model, encoding, 0, 4, sites, batch_size=3)
     queries = capture_rows(lm.model, encoding, 1, 3, sites, batch_size=1)
-    dots, sq_keys, sq_queries = factor_gram(keys, queries, max_elements=500)  # forces row chunks
+    dots, sq_keys, sq_queries = factor_gram(keys, queries, max_elements=500, method=method)  # row chunks
     total = sum(dots.values())
     torch.testing.assert_close(total, flat @ flat[1:3].T, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(sum(sq_keys.values()), flat.square().sum(1), rtol=1e-9, atol=1e-14)
@@ -118,14 +119,17 @@ def test_exact_gram_equals_brute_force(lm, encoding, reference):
         torch.testing.assert_close(dots[name], ref.flatten(1) @ ref[1:3].flatten(1).T, rtol=1e-9, atol=1e-14)
 
 
-def test_exact_gram_rows_as_store_tensors(lm, encoding, reference):
+def test_gram_costs_prefer_ghost_for_short_sequences(lm, encoding):
     sites = factor_sites(lm.model)
-    rows = exact_gram_rows(lm.model, encoding, encoding, 1, 3, sites, batch_size=2)
-    name = next(iter(reference))
-    ref = reference[name].flatten(1)
-    torch.testing.assert_close(rows[f"dot/{name}"], ref[1:3] @ ref.T, rtol=1e-9, atol=1e-14)
-    torch.testing.assert_close(rows[f"sqnorm/{name}"], ref[1:3].square().sum(1), rtol=1e-9, atol=1e-14)
-    torch.testing.assert_close(rows[f"query_sqnorm/{name}"], ref.square().sum(1), rtol=1e-9, atol=1e-14)
+    few = capture_rows(lm.model, encoding, 0, 2, sites, batch_size=2)
+    costs = gram_costs(few, few, "model.layers.0.mlp.up_proj.weight", max_elements=1 << 20)
+    assert set(costs) == {"materialise", "ghost"} and all(c > 0 for c in costs.values())
+    # the ghost cost grows with the square of the sequence length, materialising only linearly
+    long = capture_rows(lm.model, encoding.__class__(encoding.input_ids.repeat(1, 3)[:, :300],
+                                                     encoding.labels.repeat(1, 3)[:, :300],
+                                                     torch.full((4,), 300)), 0, 2, sites, batch_size=2)
+    long_costs = gram_costs(long, long, "model.layers.0.mlp.up_proj.weight", max_elements=1 << 20)
+    assert long_costs["ghost"] / costs["ghost"] > long_costs["materialise"] / costs["materialise"]
 
 
 def test_parameter_groups_by_layer_and_module():

@@ -161,3 +161,14 @@ def test_shared_tensors_must_agree_and_rows_must_match(tmp_path):
         GradientStore(tmp_path / "t", 4, SPEC).write(0, 2, {"x": torch.zeros(3)})
     with pytest.raises(ValueError, match="incomplete"):
         GradientStore(tmp_path / "u", 4, SPEC).load()
+
+
+def test_partial_load_returns_the_stored_rows(tmp_path):
+    store = GradientStore(tmp_path / "s", 20, SPEC, shared=["query/"])
+    for s, e in [(0, 4), (8, 12)]:
+        store.write(s, e, rows(s, e))
+    assert store.stored_rows().tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+    part = store.load(partial=True)
+    assert torch.equal(part["norm"], rows(0, 20)["norm"][store.stored_rows()])
+    with pytest.raises(ValueError, match="no partition"):
+        GradientStore(tmp_path / "t", 20, SPEC).load(partial=True)

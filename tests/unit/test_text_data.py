@@ -136,13 +136,15 @@ def test_variants_fall_back_to_rules_and_are_cached(tmp_path, lm, monkeypatch):
     cache_path = tmp_path / "variants.jsonl"
     echoed = []
 
-    def echo_or_rewrite(model, messages, config, progress=False):
+    def echo_or_rewrite(model, messages, config, progress=False, reply_prefix=""):
         # the model copies the first input back (rejected), rewrites the others (accepted)
         echoed.extend(messages)
         outs = []
         for m in messages:
-            original = m.split("Text:\n", 1)[1]
-            outs.append(original if original == examples[0].instruction else "Rewritten: " + original[::-1])
+            original = m.split("it: ", 1)[1] if m.startswith("Paraphrase this question") else m.split("\n\n", 1)[1]
+            closing = '" and more' if reply_prefix.endswith('"') else ""
+            outs.append(original + closing if original == examples[0].instruction
+                        else "Rewritten: " + original[::-1] + closing)
         return outs
 
     monkeypatch.setattr(text, "generate_replies", echo_or_rewrite)
@@ -150,7 +152,7 @@ def test_variants_fall_back_to_rules_and_are_cached(tmp_path, lm, monkeypatch):
     para = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path)
     assert para[0].instruction == rule_paraphrase(examples[0].instruction, instruction=True)
     assert "instruction: rule (fallback)" in para[0].source and "answer: model" in para[0].source
-    assert para[1].answer.startswith("Rewritten: ")
+    assert para[1].answer.startswith("Rewritten: ") and para[1].instruction.endswith("?tes a si tahW")
     n_calls = len(echoed)
 
     def fail(*args, **kwargs):
@@ -160,7 +162,8 @@ def test_variants_fall_back_to_rules_and_are_cached(tmp_path, lm, monkeypatch):
     again = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path)
     assert again == para and len(echoed) == n_calls
 
-    monkeypatch.setattr(text, "generate_replies", lambda model, msgs, config, progress=False: ["", "Sure."])
+    monkeypatch.setattr(text, "generate_replies", lambda model, msgs, config, progress=False, reply_prefix="":
+                        ["", "Sure."])
     generated = model_generated_examples(para, lm, config=config, cache_path=cache_path)
     assert generated[0].answer == para[0].answer and "empty reply" in generated[0].source
     assert generated[1].answer == "Sure." and generated[1].instruction == para[1].instruction

@@ -411,9 +411,22 @@ def rule_paraphrase(text: str, *, instruction: bool = False) -> str:
     return rewritten
 
 
-PARAPHRASE_PROMPT = ("Rewrite the following text in your own words. Keep its meaning, change the wording, "
-                     "and reply with the rewritten text only.\n\nText:\n{text}")
-PROMPT_VERSION = "v1"
+# Small instruction-tuned models answer a question they are asked to rewrite; starting their reply
+# with a fixed phrase (and, for questions, an opening quote that the rewrite closes) keeps them rewriting.
+PARAPHRASE_PROMPTS = {
+    "instruction": ("Paraphrase this question without answering it: {text}",
+                    'Here is the question in other words: "'),
+    "answer": ("Paraphrase this text without adding anything:\n\n{text}",
+               "Here is the same text in other words:\n\n"),
+}
+PROMPT_VERSION = "v2"
+
+
+def _clean_reply(kind: str, reply: str) -> str:
+    """The rewrite itself: a question ends at its closing quote or line end."""
+    if kind == "instruction":
+        reply = re.split(r'"|\n', reply.strip(), maxsplit=1)[0]
+    return reply.strip()
 
 
 @dataclass(frozen=True)
@@ -431,9 +444,12 @@ class GenerationConfig:
 
 
 @torch.no_grad()
-def generate_replies(lm, user_messages: Sequence[str], config: GenerationConfig, progress: bool = False
-                     ) -> list[str]:
-    """The model's greedy reply to each user message, through its chat template (batched, left padded)."""
+def generate_replies(lm, user_messages: Sequence[str], config: GenerationConfig, progress: bool = False,
+                     reply_prefix: str = "") -> list[str]:
+    """The model's greedy reply to each user message, through its chat template (batched, left padded).
+
+    ``reply_prefix`` is written as the start of the assistant's turn; the reply returned follows it.
+    """
     tokenizer = lm.tokenizer
     replies = []
     side = tokenizer.padding_side
@@ -443,7 +459,7 @@ def generate_replies(lm, user_messages: Sequence[str], config: GenerationConfig,
         for start in tqdm(starts, desc="generating", disable=not progress):
             chunk = user_messages[start:start + config.batch_size]
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                                   add_generation_prompt=True) for m in chunk]
+                                                   add_generation_prompt=True) + reply_prefix for m in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
             output = lm.model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
                                        repetition_penalty=config.repetition_penalty,
@@ -504,26 +520,27 @@ def _rewrite_all(lm, texts: Sequence[str], kinds: Sequence[str], method: str, co
                              prompt=PROMPT_VERSION, config=asdict(config) if method == "model" else {},
                              kind=kind, text=text) for text, kind in zip(texts, kinds)]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
-    records = []
     if method == "model" and todo:
         if lm is None:
             raise ValueError("paraphraser='model' needs a language model (lm is None)")
-        step = max(config.batch_size * 4, 1)
-        for start in range(0, len(todo), step):
-            part = todo[start:start + step]
-            replies = generate_replies(lm, [PARAPHRASE_PROMPT.format(text=texts[i]) for i in part], config,
-                                       progress=progress)
-            batch = []
-            for i, reply in zip(part, replies):
-                ok = _accept(reply, texts[i])
-                text = reply if ok else rule_paraphrase(texts[i], instruction=kinds[i] == "instruction")
-                batch.append({"key": keys[i], "text": text, "method": "model" if ok else "rule (fallback)",
-                              "raw": reply})
-            cache.add(batch)
+        for kind, (prompt, prefix) in PARAPHRASE_PROMPTS.items():
+            mine = [i for i in todo if kinds[i] == kind]
+            step = max(config.batch_size * 4, 1)
+            for start in range(0, len(mine), step):
+                part = mine[start:start + step]
+                replies = generate_replies(lm, [prompt.format(text=texts[i]) for i in part], config,
+                                           progress=progress, reply_prefix=prefix)
+                batch = []
+                for i, reply in zip(part, replies):
+                    rewrite = _clean_reply(kind, reply)
+                    ok = _accept(rewrite, texts[i])
+                    text = rewrite if ok else rule_paraphrase(texts[i], instruction=kind == "instruction")
+                    batch.append({"key": keys[i], "text": text, "method": "model" if ok else "rule (fallback)",
+                                  "raw": reply})
+                cache.add(batch)
     elif todo:
-        records = [{"key": keys[i], "text": rule_paraphrase(texts[i], instruction=kinds[i] == "instruction"),
-                    "method": "rule", "raw": ""} for i in todo]
-        cache.add(records)
+        cache.add([{"key": keys[i], "text": rule_paraphrase(texts[i], instruction=kinds[i] == "instruction"),
+                    "method": "rule", "raw": ""} for i in todo])
     return [(cache.get(k)["text"], cache.get(k)["method"]) for k in keys]
 
 
@@ -532,7 +549,7 @@ def paraphrase_examples(examples: Sequence[InstructionExample], lm=None, *, meth
                         progress: bool = False) -> list[InstructionExample]:
     """Each example with its instruction and its answer paraphrased; ``source`` records the method used.
 
-    ``method="model"`` asks ``lm`` with :data:`PARAPHRASE_PROMPT` (greedy); an output that is empty or
+    ``method="model"`` asks ``lm`` with :data:`PARAPHRASE_PROMPTS` (greedy); an output that is empty or
     identical to its input after normalisation is replaced by :func:`rule_paraphrase`.
     """
     require_choice("paraphraser", method, ["model", "rule"])

@@ -360,6 +360,17 @@ class GradientProjection:
             return projector.project_factors(x, g)
         return projector.project_embedding(x, g)
 
+    def project(self, factors: Factors) -> dict[int, dict[str, Tensor]]:
+        """``{k: {weight: (n, k)}}`` from captured factors (the same numbers as :func:`projected_gradients`)."""
+        out: dict[int, dict[str, Tensor]] = {k: {} for k in self.proj_dims}
+        for site in self.sites:
+            x, g = factors.inputs[site.module_name], factors.output_grads[site.module_name]
+            for k in self.proj_dims:
+                part = self.project_site(site, k, x, g)
+                previous = out[k].get(site.param_name)
+                out[k][site.param_name] = part if previous is None else previous + part
+        return out
+
     def project_gradients(self, grads: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
         """The same projections applied to materialised per-example gradients (the reference)."""
         return {k: {name: self.projectors[(name, k)].project_gradient(grads[name]) for name in self.param_names}
@@ -411,55 +422,118 @@ def capture_rows(model: nn.Module, encoding: ChatEncoding, start: int, end: int,
     return Factors.concat(parts)
 
 
-def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28
+def _site_terms(f: Factors, site: Site, rows: slice) -> tuple[Tensor, Tensor]:
+    """``(U, W)`` with the site's per-example gradient ``U^T W``: ``U`` are output gradients (or token ids)."""
+    return f.inputs[site.module_name][rows] if site.kind == "embedding" else f.output_grads[site.module_name][rows], \
+        f.output_grads[site.module_name][rows] if site.kind == "embedding" else f.inputs[site.module_name][rows]
+
+
+def _output_side_products(site_a: Site, ua: Tensor, site_b: Site, ub: Tensor, dtype: torch.dtype) -> Tensor:
+    """``u_{i,t} . u_{j,s}`` for all examples and positions, ``(n_a, n_b, T_a, T_b)``; ids stand for one-hots."""
+    if site_a.kind == "linear" and site_b.kind == "linear":
+        return torch.einsum("ato,bso->abts", ua.to(dtype), ub.to(dtype))
+    if site_a.kind == "embedding" and site_b.kind == "embedding":
+        return (ua[:, None, :, None] == ub[None, :, None, :]).to(dtype)
+    if site_a.kind == "embedding":  # one-hot(x_{i,t}) . g_{j,s} = g_{j,s}[x_{i,t}]
+        picked = ub.to(dtype)[:, :, ua.reshape(-1)].reshape(ub.shape[0], ub.shape[1], *ua.shape)
+        return picked.permute(2, 0, 3, 1)
+    return _output_side_products(site_b, ub, site_a, ua, dtype).permute(1, 0, 3, 2)
+
+
+def _ghost_dots(a: Factors, b: Factors, name: str, rows_a: slice, rows_b: slice, dtype: torch.dtype) -> Tensor:
+    """``<G_i, G_j> = sum_{t,s} (u_it . u_js)(w_it . w_js)`` summed over the weight's pairs of sites."""
+    sites = [s for s in a.sites if s.param_name == name]
+    total = None
+    for site_a in sites:
+        ua, wa = _site_terms(a, site_a, rows_a)
+        for site_b in sites:
+            ub, wb = _site_terms(b, site_b, rows_b)
+            uu = _output_side_products(site_a, ua, site_b, ub, dtype)
+            ww = torch.einsum("ati,bsi->abts", wa.to(dtype), wb.to(dtype))
+            part = (uu * ww).sum((2, 3))
+            total = part if total is None else total + part
+    return total
+
+
+def _paired_output_products(site_a: Site, ua: Tensor, site_b: Site, ub: Tensor, dtype: torch.dtype) -> Tensor:
+    """``u_{i,t} . u'_{i,s}`` within each example (two sites of one weight), ``(n, T, T)``."""
+    if site_a.kind == "linear" and site_b.kind == "linear":
+        return torch.einsum("ato,aso->ats", ua.to(dtype), ub.to(dtype))
+    if site_a.kind == "embedding" and site_b.kind == "embedding":
+        return (ua[:, :, None] == ub[:, None, :]).to(dtype)
+    if site_a.kind == "embedding":  # g_{i,s}[x_{i,t}]
+        n, t = ua.shape
+        picked = torch.gather(ub.to(dtype), 2, ua[:, None, :].expand(n, ub.shape[1], t))  # (n, s, t)
+        return picked.transpose(1, 2)
+    return _paired_output_products(site_b, ub, site_a, ua, dtype).transpose(1, 2)
+
+
+def _ghost_sqnorms(f: Factors, name: str, dtype: torch.dtype) -> Tensor:
+    """Squared norm of each example's gradient of ``name`` by the ghost identity, all examples at once."""
+    sites = [s for s in f.sites if s.param_name == name]
+    total = None
+    for site_a in sites:
+        ua, wa = _site_terms(f, site_a, slice(None))
+        for site_b in sites:
+            ub, wb = _site_terms(f, site_b, slice(None))
+            uu = _paired_output_products(site_a, ua, site_b, ub, dtype)
+            part = (uu * torch.einsum("ati,asi->ats", wa.to(dtype), wb.to(dtype))).sum((1, 2))
+            total = part if total is None else total + part
+    return total
+
+
+def gram_costs(a: Factors, b: Factors, name: str, max_elements: int) -> dict[str, float]:
+    """Multiply-adds of the two exact methods for one weight: materialised gradients or the ghost identity."""
+    out, inp = a.param_shape(name)
+    n_sites = sum(s.param_name == name for s in a.sites)
+    t_a = next(iter(a.output_grads.values())).shape[1]
+    t_b = next(iter(b.output_grads.values())).shape[1]
+    rows = max(1, max_elements // (out * inp))
+    chunks_a = -(-a.n // rows)
+    # Materialising writes and reads every gradient entry: bound by memory traffic, so counted twice.
+    materialise = 2 * (n_sites * out * inp * (a.n * t_a + chunks_a * b.n * t_b) + a.n * b.n * out * inp)
+    ghost = n_sites ** 2 * a.n * b.n * t_a * t_b * (out + inp) + (a.n * t_a ** 2 + b.n * t_b ** 2) * (out + inp)
+    return {"materialise": float(materialise), "ghost": float(ghost)}
+
+
+def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str = "auto"
                 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Exact per-weight inner products ``<grad_i, grad_j>`` of the examples of ``a`` and ``b``.
 
-    Returns ``(dots {name: (n_a, n_b)}, squared norms of a {name: (n_a,)}, of b {name: (n_b,)})``. The
-    gradients are materialised weight by weight, in row chunks of at most ``max_elements`` numbers.
+    Returns ``(dots {name: (n_a, n_b)}, squared norms of a {name: (n_a,)}, of b {name: (n_b,)})`` in float64.
+    Two exact methods: ``"materialise"`` forms the gradients weight by weight, in row chunks of at most
+    ``max_elements`` numbers; ``"ghost"`` never forms them and uses
+    ``<sum_t u_t w_t^T, sum_s u'_s w'_s^T> = sum_{t,s} (u_t . u'_s)(w_t . w'_s)``, cheaper for short
+    sequences and few examples. ``"auto"`` picks the cheaper one per weight (:func:`gram_costs`).
     """
+    require_choice("method", method, ["auto", "materialise", "ghost"])
+    require_int("max_elements", max_elements, minimum=1)
     dots, sq_a, sq_b = {}, {}, {}
     for name in a.param_names:
         out, inp = a.param_shape(name)
-        rows = max(1, max_elements // (out * inp))
-        dot = torch.empty(a.n, b.n, dtype=torch.float64)
-        norm_a = torch.empty(a.n, dtype=torch.float64)
-        norm_b = torch.empty(b.n, dtype=torch.float64)
-        for lo in range(0, a.n, rows):
-            ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
-            norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1).cpu()
-            for lo_b in range(0, b.n, rows):
-                gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
-                if lo == 0:
-                    norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1).cpu()
-                dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double().cpu()
+        chosen = method
+        if method == "auto":
+            costs = gram_costs(a, b, name, max_elements)
+            chosen = min(costs, key=costs.get)
+        dtype = next(iter(a.output_grads.values())).dtype
+        if chosen == "ghost":
+            per_pair = max(1, max_elements // max(1, b.n * next(iter(b.output_grads.values())).shape[1]
+                                                  * next(iter(a.output_grads.values())).shape[1]))
+            dot = torch.cat([_ghost_dots(a, b, name, slice(lo, lo + per_pair), slice(None), dtype).double().cpu()
+                             for lo in range(0, a.n, per_pair)])
+            norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double().cpu() for f in (a, b))
+        else:
+            rows = max(1, max_elements // (out * inp))
+            dot = torch.empty(a.n, b.n, dtype=torch.float64)
+            norm_a = torch.empty(a.n, dtype=torch.float64)
+            norm_b = torch.empty(b.n, dtype=torch.float64)
+            for lo in range(0, a.n, rows):
+                ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
+                norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1).cpu()
+                for lo_b in range(0, b.n, rows):
+                    gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
+                    if lo == 0:
+                        norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1).cpu()
+                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double().cpu()
         dots[name], sq_a[name], sq_b[name] = dot, norm_a, norm_b
     return dots, sq_a, sq_b
-
-
-def exact_gram_rows(model: nn.Module, keys: ChatEncoding, queries: ChatEncoding, start: int, end: int,
-                    sites: Sequence[Site], batch_size: int, max_elements: int = 1 << 28) -> dict[str, Tensor]:
-    """Exact inner products of key examples ``start:end`` with every query, as store tensors.
-
-    ``{"dot/{weight}": (end-start, n_queries), "sqnorm/{weight}": (end-start,)}`` and the queries' squared
-    norms ``{"query_sqnorm/{weight}": (n_queries,)}`` (the same in every partition). The keys' factors stay
-    in memory while the queries stream through in batches.
-    """
-    key_factors = capture_rows(model, keys, start, end, sites, batch_size)
-    dots: dict[str, list[Tensor]] = defaultdict(list)
-    query_norms: dict[str, list[Tensor]] = defaultdict(list)
-    key_norms: dict[str, Tensor] = {}
-    for lo in range(0, len(queries), batch_size):
-        query_factors = capture_rows(model, queries, lo, min(lo + batch_size, len(queries)), sites, batch_size)
-        dot, sq_key, sq_query = factor_gram(key_factors, query_factors, max_elements)
-        for name in dot:
-            dots[name].append(dot[name])
-            query_norms[name].append(sq_query[name])
-            key_norms[name] = sq_key[name]
-        del query_factors
-    tensors = {}
-    for name in dots:
-        tensors[f"dot/{name}"] = torch.cat(dots[name], dim=1)
-        tensors[f"sqnorm/{name}"] = key_norms[name]
-        tensors[f"query_sqnorm/{name}"] = torch.cat(query_norms[name])
-    return tensors

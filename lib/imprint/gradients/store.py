@@ -4,7 +4,7 @@ A store is a folder: ``manifest.json`` (the number of rows and a *spec*: everyth
 stored numbers, such as the model, the data fingerprint, the projection seed and dimensions) and one
 safetensors file per partition ``[start, end)`` of the rows, ``part-0000000-0000064.safetensors``.
 Every tensor of a partition has ``end - start`` rows, except the *shared* tensors named in the spec,
-which every partition carries whole and which must agree across partitions.
+which every partition carries whole and which must agree across partitions (up to float32 rounding).
 
 Partitions are independent: separate processes (Dask tasks, cluster jobs) can fill disjoint ranges of
 the same folder, or of separate folders that :func:`merge_stores` joins afterwards. A partition file is
@@ -51,6 +51,16 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _canonical(spec: Mapping[str, Any]) -> dict:
     return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shared tensors recomputed by separate partitions: equal up to float32 rounding."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * scale)
 
 
 def check_range(start: int, end: int, n_rows: int, what: str = "partition range") -> tuple[int, int]:
@@ -168,11 +178,21 @@ class GradientStore:
     def is_complete(self) -> bool:
         return not self.coverage()
 
-    def load(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """All rows, partitions concatenated in order; shared tensors checked equal across partitions."""
+    def stored_rows(self) -> torch.Tensor:
+        """Indices of the rows that stored partitions cover, ascending."""
+        return torch.cat([torch.arange(s, e) for s, e in self.partitions()] or [torch.zeros(0, dtype=torch.long)])
+
+    def load(self, keys: Iterable[str] | None = None, partial: bool = False) -> dict[str, torch.Tensor]:
+        """All rows, partitions concatenated in order; shared tensors checked equal across partitions.
+
+        With ``partial`` the rows of the stored partitions only (see :meth:`stored_rows`); otherwise an
+        incomplete store is an error.
+        """
         gaps = self.coverage()
-        if gaps:
+        if gaps and not partial:
             raise ValueError(f"store {str(self.root)!r} is incomplete: rows {gaps} are not stored yet")
+        if not self.partitions():
+            raise ValueError(f"store {str(self.root)!r} holds no partition yet")
         wanted = set(keys) if keys is not None else None
         rows: dict[str, list[torch.Tensor]] = {}
         shared: dict[str, torch.Tensor] = {}
@@ -181,7 +201,7 @@ class GradientStore:
                 if wanted is not None and key not in wanted:
                     continue
                 if self._is_shared(key):
-                    if key in shared and not torch.equal(shared[key], value):
+                    if key in shared and not _agree(shared[key], value):
                         raise ValueError(f"shared tensor {key!r} differs between partitions of {str(self.root)!r}")
                     shared.setdefault(key, value)
                 else:

@@ -66,8 +66,10 @@ class _QuietHub:
         from transformers.utils import logging as hf_logging
 
         self._verbosity = hf_logging.get_verbosity()
+        self._tqdm = os.environ.get("TQDM_DISABLE")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantisation bar uses tqdm directly
         return self
 
     def __exit__(self, *exc):
@@ -75,6 +77,10 @@ class _QuietHub:
 
         hf_logging.set_verbosity(self._verbosity)
         hf_logging.enable_progress_bar()
+        if self._tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm
         return False
 
 

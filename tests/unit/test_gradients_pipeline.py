@@ -1,0 +1,77 @@
+"""The chapter's gradient passes on a tiny Llama: exact inner products and projections per store
+partition, against single-example backward passes; partitions resumed and loaded give the same Gram."""
+
+import pytest
+import torch
+
+from imprint.data.text import InstructionExample, encode_chat_examples
+from imprint.gradients.per_example import (GradientProjection, factor_sites, per_example_gradients_loop,
+                                           weight_matrix_names)
+from imprint.gradients.pipeline import EXACT_SHARED, exact_gram, exact_rows, features, projected_gram, projected_rows
+from imprint.gradients.similarity import retrieval_metrics
+from imprint.gradients.store import GradientStore, fill_partitions
+from imprint.models.lm import tiny_llama
+
+TRAIN = [InstructionExample(str(i), q, a, "t") for i, (q, a) in enumerate([
+    ("What does len do?", "Return the number of items in a container."),
+    ("What is a tuple?", "An immutable sequence."),
+    ("Explain pass.", "A null operation: nothing happens."),
+    ("What does abs do?", "Return the absolute value of the argument."),
+    ("What is None?", "The sole value of the type NoneType."),
+])]
+VARIANTS = {
+    "paraphrased": [InstructionExample(e.id, "Tell me: " + e.instruction, e.answer + " Indeed.", "t") for e in TRAIN],
+    "model_generated": [InstructionExample(e.id, e.instruction, "I think " + e.answer.lower(), "t") for e in TRAIN],
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lm = tiny_llama(2, dtype="float64")
+    train = encode_chat_examples(lm.tokenizer, TRAIN, max_length=128)
+    variants = {s: encode_chat_examples(lm.tokenizer, v, max_length=128) for s, v in VARIANTS.items()}
+    names = weight_matrix_names(lm.model)
+    flat = {}
+    for key, enc in [("train", train), *variants.items()]:
+        grads = per_example_gradients_loop(lm.model, enc.input_ids, enc.labels, names, enc.lengths)
+        flat[key] = {n: g.flatten(1) for n, g in grads.items()}
+    return lm, train, variants, names, flat
+
+
+def test_exact_rows_against_single_example_gradients(setup):
+    lm, train, variants, names, flat = setup
+    projection = GradientProjection(lm.model, [4], seed=1)
+    rows = exact_rows(lm.model, train, variants, 1, 4, factor_sites(lm.model), batch_size=2, projection=projection)
+    for setting in variants:
+        for n in names:
+            torch.testing.assert_close(rows[f"dot/{setting}/{n}"], flat["train"][n][1:4] @ flat[setting][n].T,
+                                       rtol=1e-9, atol=1e-14)
+            torch.testing.assert_close(rows[f"query_sqnorm/{setting}/{n}"], flat[setting][n].square().sum(1),
+                                       rtol=1e-9, atol=1e-14)
+    alone = projected_rows(lm.model, variants["paraphrased"], 0, 5, projection, batch_size=5)
+    for n in names:
+        torch.testing.assert_close(rows[f"sqnorm/{n}"], flat["train"][n][1:4].square().sum(1), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(rows[f"query/paraphrased/k4/{n}"], alone[f"k4/{n}"], rtol=1e-5, atol=1e-8)
+
+
+def test_partitioned_exact_store_gives_the_one_shot_gram(setup, tmp_path):
+    lm, train, variants, names, flat = setup
+    projection = GradientProjection(lm.model, [4, 9], seed=0)
+    sites = factor_sites(lm.model)
+    store = GradientStore(tmp_path / "exact", len(train), {"test": 1}, shared=EXACT_SHARED)
+    compute = lambda s, e: exact_rows(lm.model, train, variants, s, e, sites, 2, projection)  # noqa: E731
+    fill_partitions(store, 0, 3, 2, compute, progress=False)   # one process: rows [0, 3)
+    fill_partitions(store, 3, 5, 2, compute, progress=False)   # another: rows [3, 5)
+    loaded = store.load()
+    for setting in variants:
+        gram = exact_gram(loaded, setting, names)
+        for n in names:
+            torch.testing.assert_close(gram.dots[n], flat[setting][n] @ flat["train"][n].T, rtol=1e-9, atol=1e-14)
+        grouped = gram.grouped({"model": names}).scores("cosine")["model"]
+        whole_q = torch.cat([flat[setting][n] for n in names], 1)
+        whole_k = torch.cat([flat["train"][n] for n in names], 1)
+        expected = torch.nn.functional.normalize(whole_q, dim=1) @ torch.nn.functional.normalize(whole_k, dim=1).T
+        torch.testing.assert_close(grouped, expected, rtol=1e-9, atol=1e-12)
+        assert set(retrieval_metrics(grouped)) == {"recall@1", "recall@10", "mrr"}
+        proj = projected_gram(features(loaded, "train/", 9, names), features(loaded, f"query/{setting}/", 9, names))
+        assert proj.dots[names[0]].shape == (5, 5)
