@@ -226,3 +226,15 @@ def test_attack_networks_equals_one_run_per_network():
         assert results[name].hyper == HYPER
     with pytest.raises(ValueError, match="architecture"):
         attack_networks({"a": tiny_weights(), "c": tiny_weights((6, 9, 7, 1))}, labels, 4, HYPER, config)
+
+
+def test_per_class_multipliers_batch_like_separate_runs():
+    weights = tiny_weights((6, 8, 3))
+    labels = candidate_labels(9, n_classes=3)
+    config = ExtractionConfig(steps=6, form="multiclass_all", dtype="float64", log_every=2)
+    together = extract(weights, labels, 4, HYPER, config, progress=False)
+    assert together.lam.shape == (3, 9, 3)
+    for k in range(3):
+        alone = extract(weights, labels, 4, HYPER.subset([k]), config, progress=False)
+        assert torch.allclose(together.lam[k], alone.lam[0], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(together.x[k], alone.x[0], rtol=1e-10, atol=1e-12)

@@ -100,12 +100,13 @@ def test_extraction_model_keeps_weights_and_outputs():
 
 # ------------------------------------------------------------------------------------------- KKT loss
 
-@pytest.mark.parametrize("form,d_out", [("binary", 1), ("multiclass", 3), ("general", 1), ("general", 3)])
+@pytest.mark.parametrize("form,d_out", [("binary", 1), ("multiclass", 3), ("multiclass_all", 3), ("general", 1),
+                                        ("general", 3)])
 def test_one_backward_loss_equals_per_candidate_loop(form, d_out):
     weights = random_weights([6, 9, 8, d_out], seed=1)
     k, m = 3, 7
     x = torch.randn(k, m, 6)
-    lam = torch.rand(k, m) if form != "general" else torch.randn(k, m)
+    lam = {"general": torch.randn(k, m), "multiclass_all": torch.rand(k, m, d_out)}.get(form, torch.rand(k, m))
     y = candidate_labels(m, n_classes=2 if d_out == 1 else d_out, signed=(d_out == 1))
     alpha = torch.tensor([3.0, 20.0, 150.0])
     fast = kkt_stationarity_loss(weights, x, lam, y, alpha, form)
@@ -300,3 +301,55 @@ def test_one_network_per_configuration_equals_separate_networks():
         check_weights([stacked[0], stacked[1][:2], stacked[2]])
     with pytest.raises(ValueError, match="one per configuration"):
         check_weights(stacked, n_configs=5)
+
+
+def test_multiclass_all_with_two_classes_equals_the_max_competitor_form():
+    weights = random_weights([5, 7, 2], seed=6)
+    x, lam = torch.randn(2, 6, 5), torch.rand(2, 6)
+    y = candidate_labels(6, n_classes=2)
+    alpha = torch.tensor([5.0, 50.0])
+    per_class = lam.unsqueeze(-1).expand(-1, -1, 2).clone()
+    assert torch.allclose(kkt_stationarity_loss(weights, x, per_class, y, alpha, "multiclass_all"),
+                          kkt_stationarity_loss(weights, x, lam, y, alpha, "multiclass"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("form,d_out", [("binary", 1), ("general", 1), ("multiclass_all", 3), ("general", 3)])
+def test_residual_is_the_weight_decay_training_gradient(form, d_out):
+    """With multipliers read off the loss derivative, the KKT residual of every form is the gradient of
+    mean loss + wd/2 ||theta||^2 divided by wd, at ANY theta: checked against the trainer's hand-written
+    backward (so at a stationary point of weight-decayed training the loss is exactly zero)."""
+    from imprint.models.mlp import batched_grads, batched_forward
+
+    gen = torch.Generator().manual_seed(7)
+    n, d, wd = 9, 5, 0.03
+    weights = [torch.randn(12, d, generator=gen), torch.randn(10, 12, generator=gen) / 3,
+               torch.randn(d_out, 10, generator=gen) / 3]
+    x = torch.randn(n, d, generator=gen)
+    out, pre = batched_forward([w[None] for w in weights], x[None])
+    assert min(float(z.abs().min()) for z in pre) > 1e-6  # no kink: the surrogate below is the ReLU's derivative
+    out = out[0]
+    if d_out == 1:
+        y = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+        q = y * out[:, 0]
+        lam = torch.sigmoid(-q) / wd if form == "binary" else torch.sigmoid(-q) * y / wd
+        grads = batched_grads([w[None] for w in weights], x[None], y[None], "logistic", wd)
+        labels = y
+    else:
+        labels = torch.arange(n) % d_out
+        p = torch.softmax(out, -1)
+        lam = p / wd if form == "multiclass_all" else torch.full((n,), -1.0 / wd)
+        grads = batched_grads([w[None] for w in weights], x[None], labels[None], "cross_entropy", wd)
+    loss = kkt_stationarity_loss(weights, x[None], lam[None], labels, torch.tensor([1e9]), form)
+    expected = sum((g[0] ** 2).sum() for g in grads) / wd**2
+    assert torch.allclose(loss[0], expected, rtol=1e-9)
+
+
+def test_per_class_multiplier_prior():
+    lam = torch.tensor([[[0.9, 0.05, -0.1], [0.2, 0.3, 0.0]]])  # two candidates, three classes
+    y = torch.tensor([0, 2])
+    got = lambda_prior(lam, torch.tensor([0.5]), weight=2.0, y=y)
+    # candidate 0 (class 0): total 0.05 - 0.1 = -0.05 -> (0.55)^2, and -0.1 < 0 -> 0.1^2
+    # candidate 1 (class 2): total 0.5 -> 0; no negative entry among its competitors
+    assert torch.allclose(got, torch.tensor([2.0 * (0.55**2 + 0.1**2)]))
+    with pytest.raises(ValueError, match="y is needed"):
+        lambda_prior(lam, torch.tensor([0.5]))

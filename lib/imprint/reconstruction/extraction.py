@@ -146,10 +146,11 @@ def random_search(n_configs: int, ranges: Mapping[str, Sequence], seed: int = 0,
 
 @dataclass
 class ExtractionResult:
-    """Candidates ``x [K, m, d]`` and multipliers ``lam [K, m]`` of every configuration, with history."""
+    """Candidates ``x [K, m, d]`` and multipliers ``lam [K, m]`` (``[K, m, C]`` for ``multiclass_all``) of
+    every configuration, with history."""
 
     x: Float[Tensor, "k m d"]
-    lam: Float[Tensor, "k m"]
+    lam: Float[Tensor, "k m *c"]
     labels: Tensor
     diverged: Tensor  # [K] bool
     history: dict[str, Tensor]  # step [T], kkt_loss [T, K], prior_loss [T, K]
@@ -171,15 +172,19 @@ class ExtractionResult:
 
 
 def initial_state(hyper: Hyperparameters, n_candidates: int, d: int, form: KKTForm,
-                  dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """Per-configuration ``x = N(0, 1) * init_scale`` and ``lam ~ U(0, 1)`` (``N(0, 1)`` for ``general``),
-    drawn on the CPU in float64 from each configuration's own seed, so a configuration starts from the
-    same point whether it runs alone or in a batch, on any device."""
+                  dtype: torch.dtype = torch.float64, n_outputs: int = 1) -> tuple[Tensor, Tensor]:
+    """Per-configuration ``x = N(0, 1) * init_scale`` and ``lam ~ U(0, 1)`` (``N(0, 1)`` for ``general``;
+    ``U(0, 1) / (C - 1)`` per class, shape ``[m, C]``, for ``multiclass_all``), drawn on the CPU in float64
+    from each configuration's own seed, so a configuration starts from the same point whether it runs
+    alone or in a batch, on any device."""
     xs, lams = [], []
     for row in hyper.rows():
         gen = torch.Generator().manual_seed(row["seed"])
         xs.append(torch.randn(n_candidates, d, generator=gen, dtype=torch.float64) * row["init_scale"])
-        lam = (torch.randn if form == "general" else torch.rand)(n_candidates, generator=gen, dtype=torch.float64)
+        if form == "multiclass_all":
+            lam = torch.rand(n_candidates, n_outputs, generator=gen, dtype=torch.float64) / max(n_outputs - 1, 1)
+        else:
+            lam = (torch.randn if form == "general" else torch.rand)(n_candidates, generator=gen, dtype=torch.float64)
         lams.append(lam)
     return torch.stack(xs).to(dtype), torch.stack(lams).to(dtype)
 
@@ -261,7 +266,7 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
         hist_kkt, hist_prior = [t["history_kkt"].to(dtype)], [t["history_prior"].to(dtype)]
         start = state.unit
     else:
-        x, lam = (v.to(device) for v in initial_state(hyper, m, d, config.form, dtype))
+        x, lam = (v.to(device) for v in initial_state(hyper, m, d, config.form, dtype, n_outputs=d_out))
         buf_x, buf_lam = torch.zeros_like(x), torch.zeros_like(lam)
         diverged = torch.zeros(k, dtype=torch.bool, device=device)
         hist_step, hist_kkt, hist_prior, start = [], [], [], 0
@@ -272,7 +277,7 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
         kkt = kkt_stationarity_loss(theta, x_, lam_, y, alpha, config.form)
         prior = box_prior(x_, box_low, box_high)
         if use_lambda_prior:
-            prior = prior + lambda_prior(lam_, lambda_min, config.lambda_weight)
+            prior = prior + lambda_prior(lam_, lambda_min, config.lambda_weight, y=y)
         return kkt, prior
 
     def save(step: int) -> None:
@@ -295,19 +300,20 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
         ok = torch.isfinite(total) & ~diverged
         gx, gl = torch.autograd.grad(torch.where(ok, total, torch.zeros_like(total)).sum(), (xv, lv))
         with torch.no_grad():
-            ok = ok & torch.isfinite(gx).flatten(1).all(1) & torch.isfinite(gl).all(1)
+            ok = ok & torch.isfinite(gx).flatten(1).all(1) & torch.isfinite(gl).flatten(1).all(1)
             if step % config.log_every == 0 and not (hist_step and hist_step[-1] == step):
                 hist_step.append(step)
                 hist_kkt.append(kkt.detach().unsqueeze(0))
                 hist_prior.append(prior.detach().unsqueeze(0))
             keep = ok.reshape(-1, 1, 1)
+            keep_l = ok.reshape(-1, *[1] * (lam.ndim - 1))
             gx = torch.where(keep, gx, torch.zeros_like(gx))
-            gl = torch.where(keep[..., 0], gl, torch.zeros_like(gl))
+            gl = torch.where(keep_l, gl, torch.zeros_like(gl))
             # torch.optim.SGD with momentum, dampening 0: buf = mu buf + g; p -= lr buf (per configuration)
             buf_x = torch.where(keep, config.momentum * buf_x + gx, buf_x)
-            buf_lam = torch.where(keep[..., 0], config.momentum * buf_lam + gl, buf_lam)
+            buf_lam = torch.where(keep_l, config.momentum * buf_lam + gl, buf_lam)
             x = torch.where(keep, x - lr_x.reshape(-1, 1, 1) * buf_x, x)
-            lam = torch.where(keep[..., 0], lam - lr_lambda.reshape(-1, 1) * buf_lam, lam)
+            lam = torch.where(keep_l, lam - lr_lambda.reshape(keep_l.shape) * buf_lam, lam)
             diverged = diverged | ~ok
         step += 1
         bar.update(1)

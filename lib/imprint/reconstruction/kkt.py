@@ -14,7 +14,10 @@ leading configuration axis, so the gradient of the summed outputs with respect t
 the K per-configuration sums in a single backward. It also holds the variants of Buzaglo et al. (2023):
 the multiclass margin ``lam_j (Phi_{y_j} - max_{k != y_j} Phi_k)(x_j)`` and the weight-decay / general
 loss form ``theta = sum_j lam_j grad_theta l(x_j)`` with free-sign ``lam``; and the priors (a pixel box,
-a hinge keeping ``lam`` above ``lambda_min``). The ReLU's derivative is replaced by ``sigmoid(alpha z)``
+a hinge keeping ``lam`` above ``lambda_min``). A fourth form, ``multiclass_all``, keeps one multiplier per
+competing class, ``sum_{k != y_j} lam_jk (Phi_{y_j} - Phi_k)(x_j)``: the stationarity condition of the
+multiclass max-margin problem (one constraint per competing class) and, exactly, that of cross-entropy
+with weight decay at convergence, where ``lam_jk`` is proportional to the softmax probability of class k. The ReLU's derivative is replaced by ``sigmoid(alpha z)``
 (ModifiedReLU): a step function has no useful derivative with respect to the input, and the loss needs
 one because it is itself a function of a gradient.
 """
@@ -27,8 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-KKTForm = Literal["binary", "multiclass", "general"]
-KKT_FORMS = ("binary", "multiclass", "general")
+KKTForm = Literal["binary", "multiclass", "multiclass_all", "general"]
+KKT_FORMS = ("binary", "multiclass", "multiclass_all", "general")
 
 
 class ModifiedReLUFunction(torch.autograd.Function):
@@ -138,21 +141,25 @@ def surrogate_forward(weights: Sequence[Tensor], x: Float[Tensor, "k m d"],
     return h @ weights[-1].transpose(-1, -2)
 
 
-def weighted_outputs(out: Float[Tensor, "k m c"], lam: Float[Tensor, "k m"], y: Tensor,
+def weighted_outputs(out: Float[Tensor, "k m c"], lam: Float[Tensor, "k m *c"], y: Tensor,
                      form: KKTForm) -> Float[Tensor, "k m"]:
     """The per-candidate terms whose parameter gradient, summed, should equal theta.
 
-    binary:     lam_j y_j Phi(x_j)                              (y in {+1, -1}, one output)
-    multiclass: lam_j (Phi_{y_j}(x_j) - max_{k != y_j} Phi_k(x_j))   (y a class index)
-    general:    lam_j Phi(x_j) for one output, lam_j * CE(Phi(x_j), y_j) for several (lam of free sign)
+    binary:         lam_j y_j Phi(x_j)                                   (y in {+1, -1}, one output)
+    multiclass:     lam_j (Phi_{y_j}(x_j) - max_{k != y_j} Phi_k(x_j))    (y a class index)
+    multiclass_all: sum_{k != y_j} lam_jk (Phi_{y_j}(x_j) - Phi_k(x_j))   (lam [K, m, C]; its y_j entry unused)
+    general:        lam_j Phi(x_j) for one output, lam_j * CE(Phi(x_j), y_j) for several (lam of free sign)
     """
     if form == "binary":
         return lam * y.to(out.dtype) * out[..., 0]
-    if form == "multiclass":
+    if form in ("multiclass", "multiclass_all"):
         idx = y.reshape(1, -1, 1).expand(out.shape[0], -1, 1)
-        true = out.gather(-1, idx)[..., 0]
+        true = out.gather(-1, idx)
+        if form == "multiclass_all":
+            competitors = torch.ones_like(out, dtype=torch.bool).scatter(-1, idx, False)
+            return (lam * (true - out) * competitors).sum(-1)
         others = out.scatter(-1, idx, float("-inf")).max(-1).values
-        return lam * (true - others)
+        return lam * (true[..., 0] - others)
     if form == "general":
         if out.shape[-1] == 1:
             return lam * out[..., 0]
@@ -172,14 +179,14 @@ def check_labels(y: Tensor, m: int, d_out: int, form: KKTForm) -> None:
             raise ValueError(f"form='binary' needs a network with one output, got d_out={d_out}")
         if not bool(((y == 1) | (y == -1)).all()):
             raise ValueError("y: form='binary' expects candidate labels in {+1, -1}")
-    if form == "multiclass" or (form == "general" and d_out > 1):
+    if form in ("multiclass", "multiclass_all") or (form == "general" and d_out > 1):
         if d_out < 2:
             raise ValueError(f"form={form!r} with class labels needs d_out >= 2, got d_out={d_out}")
         if y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= d_out:
             raise ValueError(f"y: form={form!r} expects class indices in [0, {d_out})")
 
 
-def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], lam: Float[Tensor, "k m"],
+def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], lam: Float[Tensor, "k m *c"],
                           y: Tensor, alpha: Float[Tensor, " k"], form: KKTForm = "binary"
                           ) -> Float[Tensor, " k"]:
     """Per-configuration ``sum_layers ||theta - (1/m) grad_theta sum_j w_j(x_j, lam_j)||^2``.
@@ -208,13 +215,26 @@ def box_prior(x: Float[Tensor, "k m d"], low: float | Tensor = -1.0, high: float
     return ((x - high).relu() ** 2 + (low - x).relu() ** 2).sum((1, 2))
 
 
-def lambda_prior(lam: Float[Tensor, "k m"], lambda_min: Float[Tensor, " k"], weight: float = 5.0
-                 ) -> Float[Tensor, " k"]:
-    """``weight * sum (lambda_min - lam)_+^2`` per configuration: keeps every candidate on the margin."""
-    return weight * (lambda_min.reshape(-1, 1).to(lam.dtype) - lam).relu().pow(2).sum(1)
+def lambda_prior(lam: Float[Tensor, "k m *c"], lambda_min: Float[Tensor, " k"], weight: float = 5.0,
+                 y: Tensor | None = None) -> Float[Tensor, " k"]:
+    """``weight * sum (lambda_min - lam)_+^2`` per configuration: keeps every candidate on the margin.
+
+    For per-class multipliers ``[K, m, C]`` (form ``multiclass_all``) the hinge applies to each candidate's
+    total over its competing classes (``y`` gives the class to leave out), and each multiplier is kept
+    non-negative: a candidate must be on the margin of *some* competitor, not of all of them.
+    """
+    floor = lambda_min.reshape(-1, *[1] * (lam.ndim - 1)).to(lam.dtype)
+    if lam.ndim == 2:
+        return weight * (floor - lam).relu().pow(2).sum(1)
+    if y is None:
+        raise ValueError("y is needed to leave out each candidate's own class from its multipliers")
+    competitors = torch.ones_like(lam, dtype=torch.bool).scatter(-1, y.reshape(1, -1, 1).expand(lam.shape[0], -1, 1),
+                                                                  False)
+    total = (lam * competitors).sum(-1)
+    return weight * ((floor[..., 0] - total).relu().pow(2).sum(1) + ((-lam).relu() * competitors).pow(2).sum((1, 2)))
 
 
-def reference_kkt_residuals(weights: Sequence[Tensor], x: Float[Tensor, "m d"], lam: Float[Tensor, " m"],
+def reference_kkt_residuals(weights: Sequence[Tensor], x: Float[Tensor, "m d"], lam: Float[Tensor, "m *c"],
                             y: Tensor, alpha: float, form: KKTForm = "binary") -> list[Tensor]:
     """``theta - (1/m) sum_j grad_theta w_j``, one candidate at a time (the per-candidate loop).
 
@@ -227,7 +247,7 @@ def reference_kkt_residuals(weights: Sequence[Tensor], x: Float[Tensor, "m d"], 
     acc = [torch.zeros_like(t) for t in theta]
     for j in range(m):
         out = surrogate_forward(theta, x[j].reshape(1, 1, -1), a)
-        term = weighted_outputs(out, lam[j].reshape(1, 1), y[j:j + 1], form).sum()
+        term = weighted_outputs(out, lam[j].reshape(1, 1, *lam.shape[1:]), y[j:j + 1], form).sum()
         grads = torch.autograd.grad(term, theta, create_graph=True)
         acc = [s + g for s, g in zip(acc, grads)]
     return [t.detach() - s / m for t, s in zip(theta, acc)]
