@@ -353,3 +353,36 @@ def test_per_class_multiplier_prior():
     assert torch.allclose(got, torch.tensor([2.0 * (0.55**2 + 0.1**2)]))
     with pytest.raises(ValueError, match="y is needed"):
         lambda_prior(lam, torch.tensor([0.5]))
+
+
+def test_constraint_gradients_and_residual_against_references():
+    import scipy.optimize
+
+    from imprint.reconstruction.kkt import constraint_gradients, kkt_residual
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(7, 5, generator=gen)
+    # binary rows against a per-sample autograd loop, the residual against scipy's NNLS on the full matrix
+    model = MLP(5, [6, 4], 1).double()
+    weights = model_weights(model)
+    y = torch.where(torch.arange(7) % 2 == 0, 1.0, -1.0)
+    rows = constraint_gradients(weights, x, y, "binary")
+    for i in range(7):
+        g = torch.autograd.grad(y[i] * model(x[i:i + 1])[0, 0], list(model.parameters()))
+        assert torch.allclose(rows[i], torch.cat([t.reshape(-1) for t in g]))
+    theta = torch.cat([w.reshape(-1) for w in weights])
+    _, norm = scipy.optimize.nnls(rows.T.numpy(), theta.numpy())
+    assert abs(kkt_residual(weights, x, y, "binary") - norm / float(theta.norm())) < 1e-10
+    # multiclass: each row is the gradient of a margin, checked by autograd one constraint at a time
+    w3 = random_weights([5, 6, 3], seed=9)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    rows = constraint_gradients(w3, x, labels, "multiclass_all")
+    assert rows.shape == (7 * 2, sum(w.numel() for w in w3))
+    params = [w.clone().requires_grad_() for w in w3]
+    out = torch.relu(x[3] @ params[0].T) @ params[1].T
+    g = torch.autograd.grad(out[0] - out[2], params)
+    blocks = [[i for i in range(7) if labels[i] != k] for k in range(3)]
+    row = len(blocks[0]) + len(blocks[1]) + blocks[2].index(3)
+    assert torch.allclose(rows[row], torch.cat([t.reshape(-1) for t in g]))
+    # one multiplier per competitor can only fit better than one per sample
+    assert kkt_residual(w3, x, labels, "multiclass_all") <= kkt_residual(w3, x, labels, "multiclass") + 1e-12

@@ -265,3 +265,61 @@ def candidate_labels(n_candidates: int, n_classes: int = 2, signed: bool = False
     per = [n_candidates // n_classes + (1 if i < n_candidates % n_classes else 0) for i in range(n_classes)]
     classes = torch.repeat_interleave(torch.arange(n_classes), torch.tensor(per))
     return torch.where(classes == 0, -1, 1) if signed else classes
+
+
+def constraint_gradients(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, form: KKTForm,
+                         alpha: float | None = None) -> Float[Tensor, "r p"]:
+    """Rows ``grad_theta`` of every margin constraint of the max-margin problem behind ``form``, flattened
+    over the layers in order: ``y_i Phi(x_i)`` (binary), ``Phi_{y_i} - max_{k != y_i} Phi_k`` (multiclass),
+    ``Phi_{y_i} - Phi_k`` for every ``k != y_i`` (multiclass_all). ReLU derivatives are exact, or
+    ``sigmoid(alpha z)`` when ``alpha`` is given. Formed with ``torch.func`` (vmap of grad)."""
+    if form not in ("binary", "multiclass", "multiclass_all"):
+        raise ValueError(f"form={form!r}: expected 'binary', 'multiclass' or 'multiclass_all'")
+    theta = [w.detach() for w in weights]
+    d_out = theta[-1].shape[0]
+
+    def net(params, xi):
+        h = xi
+        for w in params[:-1]:
+            z = w @ h
+            h = torch.relu(z) if alpha is None else modified_relu(z, alpha)
+        return params[-1] @ h
+
+    def margin(params, xi, yi, k):
+        out = net(params, xi)
+        if form == "binary":
+            return yi.to(out.dtype) * out[0]
+        classes = torch.arange(d_out, device=out.device)
+        return (out * ((classes == yi).to(out.dtype) - (classes == k).to(out.dtype))).sum()
+
+    grad_fn = torch.func.vmap(torch.func.grad(margin), in_dims=(None, 0, 0, 0))
+    if form == "binary":
+        pairs = [(torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long))]
+    elif form == "multiclass":
+        with torch.no_grad():
+            out = torch.stack([net(theta, xi) for xi in x])
+        rival = out.scatter(1, y.reshape(-1, 1), float("-inf")).argmax(1)
+        pairs = [(torch.arange(len(x)), rival)]
+    else:
+        pairs = []
+        for k in range(d_out):
+            rows = torch.nonzero(y != k)[:, 0]
+            pairs.append((rows, torch.full_like(rows, k)))
+    blocks = []
+    for rows, rivals in pairs:
+        grads = grad_fn(theta, x[rows], y[rows], rivals)
+        blocks.append(torch.cat([g.reshape(len(rows), -1) for g in grads], dim=1))
+    return torch.cat(blocks)
+
+
+def kkt_residual(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, form: KKTForm,
+                 alpha: float | None = None) -> float:
+    """``min_{lam >= 0} ||theta - sum_r lam_r grad c_r|| / ||theta||`` over the constraints ``c_r`` of
+    :func:`constraint_gradients` (float64): how exactly the weights satisfy the stationarity condition
+    that the attack inverts, on a given set of inputs (the training set, or a held-out control)."""
+    from imprint.reconstruction.implicit_bias import nnls_gram
+
+    theta = torch.cat([w.detach().double().reshape(-1) for w in weights])
+    rows = constraint_gradients([w.double() for w in weights], x.double(), y, form, alpha)
+    lam = torch.as_tensor(nnls_gram(rows @ rows.T, rows @ theta), dtype=torch.float64)
+    return float((theta - rows.T @ lam).norm() / theta.norm())
