@@ -75,3 +75,15 @@ def test_partitioned_exact_store_gives_the_one_shot_gram(setup, tmp_path):
         assert set(retrieval_metrics(grouped)) == {"recall@1", "recall@10", "mrr"}
         proj = projected_gram(features(loaded, "train/", 9, names), features(loaded, f"query/{setting}/", 9, names))
         assert proj.dots[names[0]].shape == (5, 5)
+
+
+def test_query_blocks_do_not_change_the_numbers(setup):
+    lm, train, variants, names, flat = setup
+    sites = factor_sites(lm.model)
+    one = {"paraphrased": variants["paraphrased"]}
+    a = exact_rows(lm.model, train, one, 0, 2, sites, batch_size=2, query_block=3)
+    b = exact_rows(lm.model, train, one, 0, 2, sites, batch_size=1, query_block=5, method="materialise")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="query_block"):
+        exact_rows(lm.model, train, one, 0, 2, sites, batch_size=2, query_block=0)

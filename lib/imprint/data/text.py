@@ -420,6 +420,7 @@ PARAPHRASE_PROMPTS = {
                "Here is the same text in other words:\n\n"),
 }
 PROMPT_VERSION = "v2"
+INSTRUCTION_MAX_NEW_TOKENS = 64  # a rewritten question is short; the model keeps talking after it
 
 
 def _clean_reply(kind: str, reply: str) -> str:
@@ -525,10 +526,12 @@ def _rewrite_all(lm, texts: Sequence[str], kinds: Sequence[str], method: str, co
             raise ValueError("paraphraser='model' needs a language model (lm is None)")
         for kind, (prompt, prefix) in PARAPHRASE_PROMPTS.items():
             mine = [i for i in todo if kinds[i] == kind]
-            step = max(config.batch_size * 4, 1)
+            step = config.batch_size
             for start in range(0, len(mine), step):
                 part = mine[start:start + step]
-                replies = generate_replies(lm, [prompt.format(text=texts[i]) for i in part], config,
+                kind_config = config if kind == "answer" else replace(
+                    config, max_new_tokens=min(config.max_new_tokens, INSTRUCTION_MAX_NEW_TOKENS))
+                replies = generate_replies(lm, [prompt.format(text=texts[i]) for i in part], kind_config,
                                            progress=progress, reply_prefix=prefix)
                 batch = []
                 for i, reply in zip(part, replies):
@@ -578,7 +581,7 @@ def model_generated_examples(paraphrased: Sequence[InstructionExample], lm, *,
     keys = [VariantCache.key(task="answer", model=lm.name, prompt=PROMPT_VERSION, config=asdict(config),
                              instruction=e.instruction) for e in paraphrased]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
-    step = max(config.batch_size * 4, 1)
+    step = config.batch_size
     for start in range(0, len(todo), step):
         part = todo[start:start + step]
         replies = generate_replies(lm, [paraphrased[i].instruction for i in part], config, progress=progress)

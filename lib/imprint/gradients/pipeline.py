@@ -46,14 +46,19 @@ def _flatten_projected(prefix: str, projected: Mapping[int, Mapping[str, Tensor]
 
 def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, ChatEncoding], start: int, end: int,
                sites: Sequence[Site], batch_size: int, projection: GradientProjection | None = None,
-               max_elements: int = 1 << 28, method: str = "auto") -> dict[str, Tensor]:
+               max_elements: int = 1 << 28, method: str = "auto", query_block: int | None = None
+               ) -> dict[str, Tensor]:
     """Store tensors for training examples ``start:end`` against every variant of every setting.
+
+    Variants are captured ``query_block`` at a time (in backward passes of ``batch_size``); a larger block
+    re-forms the training examples' gradients fewer times at the cost of memory.
 
     Rows (``end - start``): ``dot/{setting}/{weight}`` (rows, n_variants), ``sqnorm/{weight}`` and, with a
     projection, ``train/k{k}/{weight}``. Shared: ``query_sqnorm/{setting}/{weight}`` (n_variants,) and
     ``query/{setting}/k{k}/{weight}`` (n_variants, k).
     """
     require_int("batch_size", batch_size, minimum=1)
+    block = require_int("query_block", query_block if query_block is not None else batch_size, minimum=1)
     for setting, encoding in variants.items():
         if len(encoding) == 0:
             raise ValueError(f"variants[{setting!r}] is empty")
@@ -66,8 +71,8 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
         dots: dict[str, list[Tensor]] = defaultdict(list)
         query_norms: dict[str, list[Tensor]] = defaultdict(list)
         query_features: dict[str, list[Tensor]] = defaultdict(list)
-        for lo in range(0, len(encoding), batch_size):
-            queries = capture_rows(model, encoding, lo, min(lo + batch_size, len(encoding)), sites, batch_size)
+        for lo in range(0, len(encoding), block):
+            queries = capture_rows(model, encoding, lo, min(lo + block, len(encoding)), sites, batch_size)
             dot, sq_keys, sq_queries = factor_gram(keys, queries, max_elements, method)
             for name in dot:
                 dots[name].append(dot[name])

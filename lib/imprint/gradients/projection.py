@@ -161,10 +161,13 @@ class FactoredProjector:
         require_int("out_features", self.out_features, minimum=1)
         require_int("in_features", self.in_features, minimum=1)
         k_out, k_in = factor_dims(self.proj_dim)
+        # Tiles as wide as the factor: nothing is drawn beyond the k_out (k_in) columns kept.
         object.__setattr__(self, "p_out", BlockedProjector(self.out_features, k_out, derive_seed(self.seed, "out"),
-                                                          self.kind).matrix(self.device).T.contiguous())
+                                                          self.kind, col_block=min(k_out, 256))
+                           .matrix(self.device).T.contiguous())
         object.__setattr__(self, "p_in", BlockedProjector(self.in_features, k_in, derive_seed(self.seed, "in"),
-                                                         self.kind).matrix(self.device).T.contiguous())
+                                                         self.kind, col_block=min(k_in, 256))
+                           .matrix(self.device).T.contiguous())
 
     @property
     def k_out(self) -> int:

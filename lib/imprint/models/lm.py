@@ -66,10 +66,13 @@ class _QuietHub:
         from transformers.utils import logging as hf_logging
 
         self._verbosity = hf_logging.get_verbosity()
-        self._tqdm = os.environ.get("TQDM_DISABLE")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantisation bar uses tqdm directly
+        # The GGUF reader draws its de-quantisation bar with tqdm directly, outside transformers' switch.
+        self._gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        self._tqdm = getattr(self._gguf, "tqdm", None)
+        if self._tqdm is not None:
+            self._gguf.tqdm = functools.partial(self._tqdm, disable=True)
         return self
 
     def __exit__(self, *exc):
@@ -77,10 +80,8 @@ class _QuietHub:
 
         hf_logging.set_verbosity(self._verbosity)
         hf_logging.enable_progress_bar()
-        if self._tqdm is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = self._tqdm
+        if self._tqdm is not None:
+            self._gguf.tqdm = self._tqdm
         return False
 
 
