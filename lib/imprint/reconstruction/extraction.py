@@ -355,8 +355,10 @@ def attack_networks(networks: Mapping[str, Sequence[Tensor]], labels: Tensor, n_
             raise ValueError(f"networks[{name!r}] has layer shapes {shapes}: expected the architecture of "
                              f"networks[{names[0]!r}], {[tuple(w.shape) for w in networks[names[0]]]}")
     k = len(hyper)
-    stacked = [torch.cat([networks[name][i].detach().unsqueeze(0).expand(k, -1, -1) for name in names])
-               for i in range(depth)]
+    device = torch.device(device)
+    dtype = networks[names[0]][0].dtype
+    stacked = [torch.cat([networks[name][i].detach().to(device, dtype).unsqueeze(0).expand(k, -1, -1)
+                          for name in names]) for i in range(depth)]
     everything = Hyperparameters.from_rows(hyper.rows() * len(names))
     result = extract(stacked, labels, n_train, everything, config, device=device, checkpoint_dir=checkpoint_dir,
                      progress=progress, box=box)

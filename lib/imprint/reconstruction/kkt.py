@@ -277,6 +277,7 @@ def constraint_gradients(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: 
         raise ValueError(f"form={form!r}: expected 'binary', 'multiclass' or 'multiclass_all'")
     theta = [w.detach() for w in weights]
     d_out = theta[-1].shape[0]
+    x, y = x.to(theta[0].device, theta[0].dtype), y.to(theta[0].device)
 
     def net(params, xi):
         h = xi
@@ -320,6 +321,6 @@ def kkt_residual(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, 
     from imprint.reconstruction.implicit_bias import nnls_gram
 
     theta = torch.cat([w.detach().double().reshape(-1) for w in weights])
-    rows = constraint_gradients([w.double() for w in weights], x.double(), y, form, alpha)
-    lam = torch.as_tensor(nnls_gram(rows @ rows.T, rows @ theta), dtype=torch.float64)
+    rows = constraint_gradients([w.double() for w in weights], x, y, form, alpha)
+    lam = torch.as_tensor(nnls_gram(rows @ rows.T, rows @ theta), dtype=torch.float64, device=theta.device)
     return float((theta - rows.T @ lam).norm() / theta.norm())
