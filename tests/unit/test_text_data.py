@@ -5,7 +5,6 @@ import inspect
 import json
 
 import pytest
-import torch
 
 import imprint.data.text as text
 from imprint.data.text import (GenerationConfig, InstructionExample, VariantCache, dataset_fingerprint,
