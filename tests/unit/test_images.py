@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from imprint.data.images import (face_targets, load_cifar10_directory, load_face_images, load_image_splits,
-                                 load_images, load_mnist_directory, make_attack_splits, max_heldout, read_idx)
+                                 load_images, load_mnist_directory, make_attack_splits, max_heldout, read_idx,
+                                 vehicle_animal_targets)
 
 
 def write_idx(path, array, gz=False):
@@ -133,3 +134,9 @@ def test_largest_heldout_pool_and_named_splits():
     assert faces.target.x_train.shape == (20, 625) and faces.target.x_heldout.shape == (160, 625)
     digits = load_image_splits("digits", 20, 40, seed=0, classes=[3, 8])
     assert set(digits.target.label_train.tolist()) == {3, 8}
+
+
+def test_vehicle_animal_targets():
+    labels = torch.arange(10)
+    expected = [1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 1.0]  # airplane, automobile, ..., ship, truck
+    assert vehicle_animal_targets(labels).tolist() == expected

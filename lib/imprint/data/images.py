@@ -55,6 +55,15 @@ def face_targets(labels: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
     return torch.where(labels == 1, 1.0, -1.0)
 
 
+CIFAR10_VEHICLES = (0, 1, 8, 9)  # airplane, automobile, ship, truck
+
+
+def vehicle_animal_targets(labels: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """Binary targets of CIFAR-10 vehicles (+1) versus animals (-1), the task of Haim et al. (2022)."""
+    vehicles = torch.tensor(CIFAR10_VEHICLES, device=labels.device)
+    return torch.where(torch.isin(labels, vehicles), 1.0, -1.0)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """An IDX array (the MNIST file format), gzipped or not, as a numpy array of its stored dtype."""
     path = require_path("path", path, kind="file")
