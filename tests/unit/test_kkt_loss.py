@@ -386,3 +386,14 @@ def test_constraint_gradients_and_residual_against_references():
     assert torch.allclose(rows[row], torch.cat([t.reshape(-1) for t in g]))
     # one multiplier per competitor can only fit better than one per sample
     assert kkt_residual(w3, x, labels, "multiclass_all") <= kkt_residual(w3, x, labels, "multiclass") + 1e-12
+
+
+def test_fitted_multipliers_reach_zero_residual_at_a_constructed_kkt_point():
+    from imprint.reconstruction.kkt import fit_kkt_multipliers
+
+    weights, x, lam, y = exact_kkt_point(seed=2)
+    fitted, residual = fit_kkt_multipliers(weights, x, y.double(), "binary")
+    assert residual < 1e-7
+    assert (fitted >= 0).all() and fitted.shape == (len(x),)
+    # the residual is not trivially small: on other inputs the same weights are far from stationary
+    assert fit_kkt_multipliers(weights, torch.randn(8, 5), y.double(), "binary")[1] > 0.1

@@ -313,14 +313,22 @@ def constraint_gradients(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: 
     return torch.cat(blocks)
 
 
-def kkt_residual(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, form: KKTForm,
-                 alpha: float | None = None) -> float:
-    """``min_{lam >= 0} ||theta - sum_r lam_r grad c_r|| / ||theta||`` over the constraints ``c_r`` of
-    :func:`constraint_gradients` (float64): how exactly the weights satisfy the stationarity condition
-    that the attack inverts, on a given set of inputs (the training set, or a held-out control)."""
+def fit_kkt_multipliers(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, form: KKTForm,
+                        alpha: float | None = None) -> tuple[Float[Tensor, " r"], float]:
+    """``lam = argmin_{lam >= 0} ||theta - sum_r lam_r grad c_r||`` over the constraints ``c_r`` of
+    :func:`constraint_gradients` (one per example, or per example and competing class for
+    ``multiclass_all``, in that function's order), and the relative residual at ``lam`` (float64): how
+    exactly the weights satisfy the stationarity condition that the attack inverts, on a given set of
+    inputs (the training set, or a held-out control). Solved in the Gram form with chapter 00's solver."""
     from imprint.reconstruction.implicit_bias import nnls_gram
 
     theta = torch.cat([w.detach().double().reshape(-1) for w in weights])
     rows = constraint_gradients([w.double() for w in weights], x, y, form, alpha)
     lam = torch.as_tensor(nnls_gram(rows @ rows.T, rows @ theta), dtype=torch.float64, device=theta.device)
-    return float((theta - rows.T @ lam).norm() / theta.norm())
+    return lam.cpu(), float((theta - rows.T @ lam).norm() / theta.norm())
+
+
+def kkt_residual(weights: Sequence[Tensor], x: Float[Tensor, "n d"], y: Tensor, form: KKTForm,
+                 alpha: float | None = None) -> float:
+    """The relative residual of :func:`fit_kkt_multipliers`."""
+    return fit_kkt_multipliers(weights, x, y, form, alpha)[1]
