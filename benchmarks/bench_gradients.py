@@ -7,7 +7,8 @@ per-example gradients of a batch (``per_example_gradients``) followed by the sam
 the random matrix is drawn once per batch instead of once per example. Candidate: the factored kernel
 (``projected_gradients``): one batched backward pass with hooks, each weight projected by a Kronecker
 product of two small matrices inside its hook, with no weight gradient ever formed. All three run in the
-same process on the same model and examples, with ``k`` outputs per weight matrix.
+same process on the same model and examples, with ``k`` outputs per weight matrix; the methods run in
+interleaved rounds and each keeps its fastest (all times are recorded).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around each method; on the CPU, the growth of
 the peak resident size of a child process while it runs only that method (Linux ``clear_refs``). The factored kernel's peak is measured at two dataset sizes to show that it does not grow with
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--proj-dim", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is kept")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,10 +173,19 @@ def main() -> None:
     torch.testing.assert_close(naive_loop(model, few, args.proj_dim, args.seed, args.batch_size),
                                vmap_dense(model, few, args.proj_dim, args.seed, args.batch_size),
                                rtol=1e-3, atol=1e-5)
-    for method in METHODS:
-        subset = enc.select(0, min(args.naive_examples, len(enc))) if method == "naive_loop" else enc
-        results["methods"][method] = run_method(method, model, subset, args, device)
-        print(method, json.dumps(results["methods"][method]), flush=True)
+    # Rounds interleave the methods and each keeps its best round: on the CPU, glibc's adaptive mmap
+    # threshold makes a method slower right after one that allocated large blocks (measured: up to 7x).
+    for round_ in range(args.rounds):
+        for method in METHODS:
+            subset = enc.select(0, min(args.naive_examples, len(enc))) if method == "naive_loop" else enc
+            record = run_method(method, model, subset, args, device)
+            best = results["methods"].get(method)
+            times = (best or {}).get("seconds_all_rounds", []) + [record["seconds"]]
+            if best is None or record["seconds"] < best["seconds"]:
+                best = record
+            best["seconds_all_rounds"] = times
+            results["methods"][method] = best
+            print(f"round {round_}", method, json.dumps(record), flush=True)
     if device.type == "cpu":
         for method in METHODS:
             n = min(args.naive_examples, args.n_examples) if method == "naive_loop" else args.n_examples
