@@ -87,3 +87,26 @@ def test_query_blocks_do_not_change_the_numbers(setup):
         torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-14)
     with pytest.raises(ValueError, match="query_block"):
         exact_rows(lm.model, train, one, 0, 2, sites, batch_size=2, query_block=0)
+
+
+def test_killed_projected_pass_resumes_with_identical_numbers(setup, tmp_path):
+    lm, train, variants, names, flat = setup
+    projection = GradientProjection(lm.model, [4], seed=0)
+    compute = lambda s, e: projected_rows(lm.model, train, s, e, projection, batch_size=2)  # noqa: E731
+    calls = []
+
+    def dies_after_one(s, e):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append((s, e))
+        return compute(s, e)
+
+    resumed = GradientStore(tmp_path / "resumed", len(train), {"test": 1})
+    with pytest.raises(KeyboardInterrupt):
+        fill_partitions(resumed, 0, 5, 2, dies_after_one, progress=False)
+    assert resumed.partitions() == [(0, 2)]
+    assert fill_partitions(resumed, 0, 5, 2, compute, progress=False) == [(2, 4), (4, 5)]
+    straight = GradientStore(tmp_path / "straight", len(train), {"test": 1})
+    fill_partitions(straight, 0, 5, 2, compute, progress=False)
+    a, b = resumed.load(), straight.load()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -69,7 +69,10 @@ class _QuietHub:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         # The GGUF reader draws its de-quantisation bar with tqdm directly, outside transformers' switch.
-        self._gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        try:
+            self._gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        except ImportError:  # another transformers layout: the bar stays, nothing else changes
+            self._gguf = None
         self._tqdm = getattr(self._gguf, "tqdm", None)
         if self._tqdm is not None:
             self._gguf.tqdm = functools.partial(self._tqdm, disable=True)
