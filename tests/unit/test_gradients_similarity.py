@@ -94,3 +94,14 @@ def test_bm25_scores_match_rank_bm25_and_find_the_source():
         np.testing.assert_allclose(scores[i].numpy(), bm25.get_scores(word_tokens(q)))
     assert scores.argmax(1).tolist() == [0, 1, 3]
     assert word_tokens("str.split(sep=None)") == ["str", "split", "sep", "none"]
+
+
+def test_separation_auc_with_ties_against_sklearn():
+    rng = np.random.default_rng(3)
+    own = torch.tensor(rng.integers(0, 5, size=40).astype(float))
+    other = torch.tensor(rng.integers(0, 5, size=300).astype(float))
+    labels = np.r_[np.ones(40), np.zeros(300)]
+    expected = roc_auc_score(labels, np.r_[own.numpy(), other.numpy()])
+    assert separation_auc(own, other) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="non-empty"):
+        separation_auc(own, torch.zeros(0))

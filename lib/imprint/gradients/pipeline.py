@@ -9,8 +9,9 @@ Two passes, each a function of a partition ``[start, end)`` of the training exam
 * :func:`exact_rows`: the exact inner products between the partition's training examples and every
   variant of every setting, with the squared norms of both. The partition's layer inputs and output
   gradients stay in memory while the variants stream through in batches; the projections of both
-  sides come from the same backward passes. The variants' norms and projections are the same in every
-  partition and are stored as *shared* tensors (checked equal when the store is loaded).
+  sides come from the same backward passes. Each partition keeps the projections of the variants with
+  the same row indices as its training examples (there is one variant per example), and the variants'
+  squared norms as *shared* tensors, the same in every partition (checked when the store is loaded).
 
 :func:`exact_gram` and :func:`projected_gram` turn loaded tensors into :class:`~imprint.gradients.
 similarity.Gram` objects with the variants as queries and the training examples as keys.
@@ -29,7 +30,7 @@ from imprint.gradients.per_example import GradientProjection, Site, capture_rows
 from imprint.gradients.similarity import Gram
 from imprint.runtime.checks import require_int
 
-EXACT_SHARED = ("query_sqnorm/", "query/")
+EXACT_SHARED = ("query_sqnorm/",)
 
 
 def projected_rows(model: nn.Module, encoding: ChatEncoding, start: int, end: int, projection: GradientProjection,
@@ -54,14 +55,15 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
     re-forms the training examples' gradients fewer times at the cost of memory.
 
     Rows (``end - start``): ``dot/{setting}/{weight}`` (rows, n_variants), ``sqnorm/{weight}`` and, with a
-    projection, ``train/k{k}/{weight}``. Shared: ``query_sqnorm/{setting}/{weight}`` (n_variants,) and
-    ``query/{setting}/k{k}/{weight}`` (n_variants, k).
+    projection, ``train/k{k}/{weight}`` and ``query/{setting}/k{k}/{weight}`` (the variants ``start:end``).
+    Shared: ``query_sqnorm/{setting}/{weight}`` (n_variants,).
     """
     require_int("batch_size", batch_size, minimum=1)
     block = require_int("query_block", query_block if query_block is not None else batch_size, minimum=1)
     for setting, encoding in variants.items():
-        if len(encoding) == 0:
-            raise ValueError(f"variants[{setting!r}] is empty")
+        if len(encoding) != len(train):
+            raise ValueError(f"variants[{setting!r}] has {len(encoding)} examples: expected one per training "
+                             f"example ({len(train)})")
     keys = capture_rows(model, train, start, end, sites, batch_size)
     tensors: dict[str, Tensor] = {}
     if projection is not None:
@@ -78,9 +80,10 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
                 dots[name].append(dot[name])
                 query_norms[name].append(sq_queries[name])
                 key_norms.setdefault(name, sq_keys[name])
-            if projection is not None:
+            mine = slice(max(start, lo) - lo, max(0, min(end, lo + queries.n) - lo))
+            if projection is not None and mine.stop > mine.start:
                 for key, value in _flatten_projected(f"query/{setting}/", projection.project(queries)).items():
-                    query_features[key].append(value)
+                    query_features[key].append(value[mine])
             del queries
         for name in dots:
             tensors[f"dot/{setting}/{name}"] = torch.cat(dots[name], dim=1)

@@ -129,11 +129,19 @@ def own_and_other(scores: Float[Tensor, "n n"]) -> tuple[Float[Tensor, " n"], Fl
 
 
 def separation_auc(own: Float[Tensor, " n"], other: Float[Tensor, " m"]) -> float:
-    """Probability that a random own-variant score exceeds a random other-example score (ties count 1/2)."""
-    from sklearn.metrics import roc_auc_score
+    """Probability that a random own-variant score exceeds a random other-example score (ties count 1/2).
 
-    labels = np.r_[np.ones(len(own)), np.zeros(len(other))]
-    return float(roc_auc_score(labels, np.r_[own.double().numpy(), other.double().numpy()]))
+    The Mann-Whitney statistic by sorting ``other`` once: ``O((n + m) log m)``, so a million pairs cost
+    milliseconds.
+    """
+    if own.numel() == 0 or other.numel() == 0:
+        raise ValueError("own and other must both be non-empty")
+    ranked = torch.sort(other.double().flatten()).values
+    own = own.double().flatten()
+    below = torch.searchsorted(ranked, own, right=False)
+    not_above = torch.searchsorted(ranked, own, right=True)
+    wins = below.double() + 0.5 * (not_above - below).double()
+    return float(wins.sum() / (own.numel() * ranked.numel()))
 
 
 _WORD = re.compile(r"[a-z0-9_]+")
