@@ -162,3 +162,11 @@ def test_bad_inputs_fail_before_compute(lm, encoding):
         GradientProjection(lm.model, [0], seed=0)
     with pytest.raises(ValueError, match="proj_dims"):
         GradientProjection(lm.model, [], seed=0)
+
+
+def test_concatenated_factors_keep_shared_inputs_shared(lm, encoding):
+    factors = capture_rows(lm.model, encoding, 0, 4, factor_sites(lm.model), batch_size=2)
+    attention = [factors.inputs[f"model.layers.0.self_attn.{m}_proj"] for m in "qkv"]
+    assert attention[0] is attention[1] is attention[2]
+    assert factors.inputs["model.layers.0.mlp.gate_proj"] is factors.inputs["model.layers.0.mlp.up_proj"]
+    assert factors.inputs["model.layers.0.self_attn.o_proj"] is not attention[0]

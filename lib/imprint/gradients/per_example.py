@@ -286,19 +286,30 @@ class Factors:
 
     @staticmethod
     def concat(parts: Sequence["Factors"]) -> "Factors":
-        """One ``Factors`` for several batches (sequences zero-padded to the longest: zero gradients add nothing)."""
+        """One ``Factors`` for several batches (sequences zero-padded to the longest: zero gradients add nothing).
+
+        Sites that share an input tensor (the query, key and value projections of a block) keep sharing
+        one concatenated tensor.
+        """
         if not parts:
             raise ValueError("parts is empty: expected at least one batch of factors")
         width = max(t.shape[1] for p in parts for t in p.output_grads.values())
 
         def pad(t: Tensor) -> Tensor:
+            if t.shape[1] == width:
+                return t
             return nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1]))
 
         merged = Factors(parts[0].sites)
+        memo: dict[tuple, Tensor] = {}
         for site in parts[0].sites:
             key = site.module_name
-            merged.inputs[key] = torch.cat([pad(p.inputs[key]) for p in parts])
-            merged.output_grads[key] = torch.cat([pad(p.output_grads[key]) for p in parts])
+            for kind in ("inputs", "output_grads"):
+                tensors = [getattr(p, kind)[key] for p in parts]
+                ident = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)  # same memory
+                if ident not in memo:
+                    memo[ident] = tensors[0] if len(tensors) == 1 else torch.cat([pad(t) for t in tensors])
+                getattr(merged, kind)[key] = memo[ident]
         merged.losses = torch.cat([p.losses for p in parts])
         return merged
 
