@@ -511,7 +511,8 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
                 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Exact per-weight inner products ``<grad_i, grad_j>`` of the examples of ``a`` and ``b``.
 
-    Returns ``(dots {name: (n_a, n_b)}, squared norms of a {name: (n_a,)}, of b {name: (n_b,)})`` in float64.
+    Returns ``(dots {name: (n_a, n_b)}, squared norms of a {name: (n_a,)}, of b {name: (n_b,)})`` in float64,
+    on the CPU.
     Two exact methods: ``"materialise"`` forms the gradients weight by weight, in row chunks of at most
     ``max_elements`` numbers; ``"ghost"`` never forms them and uses
     ``<sum_t u_t w_t^T, sum_s u'_s w'_s^T> = sum_{t,s} (u_t . u'_s)(w_t . w'_s)``, cheaper for short
@@ -530,21 +531,24 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
         if chosen == "ghost":
             per_pair = max(1, max_elements // max(1, b.n * next(iter(b.output_grads.values())).shape[1]
                                                   * next(iter(a.output_grads.values())).shape[1]))
-            dot = torch.cat([_ghost_dots(a, b, name, slice(lo, lo + per_pair), slice(None), dtype).double().cpu()
+            dot = torch.cat([_ghost_dots(a, b, name, slice(lo, lo + per_pair), slice(None), dtype).double()
                              for lo in range(0, a.n, per_pair)])
-            norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double().cpu() for f in (a, b))
+            norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double() for f in (a, b))
         else:
             rows = max(1, max_elements // (out * inp))
-            dot = torch.empty(a.n, b.n, dtype=torch.float64)
-            norm_a = torch.empty(a.n, dtype=torch.float64)
-            norm_b = torch.empty(b.n, dtype=torch.float64)
+            device = next(iter(a.output_grads.values())).device
+            dot = torch.empty(a.n, b.n, dtype=torch.float64, device=device)
+            norm_a = torch.empty(a.n, dtype=torch.float64, device=device)
+            norm_b = torch.empty(b.n, dtype=torch.float64, device=device)
             for lo in range(0, a.n, rows):
                 ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
-                norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1).cpu()
+                norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1)
                 for lo_b in range(0, b.n, rows):
                     gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
                     if lo == 0:
-                        norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1).cpu()
-                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double().cpu()
+                        norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1)
+                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double()
         dots[name], sq_a[name], sq_b[name] = dot, norm_a, norm_b
-    return dots, sq_a, sq_b
+    # one transfer at the end rather than a device synchronisation per weight
+    return ({n: v.cpu() for n, v in dots.items()}, {n: v.cpu() for n, v in sq_a.items()},
+            {n: v.cpu() for n, v in sq_b.items()})
