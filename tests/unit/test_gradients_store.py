@@ -83,15 +83,12 @@ def test_resume_after_a_kill_gives_identical_results(tmp_path):
     assert fill_partitions(store, 0, 20, 6, rows, progress=False) == []
 
 
-def test_fill_with_a_different_partition_size_is_refused_before_compute(tmp_path):
+def test_later_runs_fill_only_the_missing_rows(tmp_path):
     store = GradientStore(tmp_path / "s", 20, SPEC)
     fill_partitions(store, 0, 10, 5, lambda s, e: {"x": torch.zeros(e - s)}, progress=False)
-
-    def never(s, e):
-        raise AssertionError("computed despite the clash")
-
-    with pytest.raises(FileExistsError, match="partition_size"):
-        fill_partitions(store, 0, 20, 4, never, progress=False)
+    done = fill_partitions(store, 3, 20, 4, lambda s, e: {"x": torch.ones(e - s)}, progress=False)
+    assert done == [(10, 14), (14, 18), (18, 20)]
+    assert torch.equal(store.load()["x"], torch.cat([torch.zeros(10), torch.ones(10)]))
 
 
 @pytest.mark.parametrize("start,end", [(-1, 5), (0, 21), (5, 5), (7, 3)])

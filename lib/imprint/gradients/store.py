@@ -10,9 +10,9 @@ Partitions are independent: separate processes (Dask tasks, cluster jobs) can fi
 the same folder, or of separate folders that :func:`merge_stores` joins afterwards. A partition file is
 written to a temporary name and then hard-linked to its final name, which fails if the name exists:
 nothing stored is ever overwritten, and a reader sees a partition whole or not at all. Each file records
-the sha256 of its tensors, checked on load. :func:`fill_partitions` computes the partitions of a range
-that are not yet stored, so a killed run resumes at the first unfinished one, and because a partition's
-numbers depend only on its rows, the resumed store holds identical numbers.
+the sha256 of its tensors, checked on load. :func:`fill_partitions` computes the rows of a range that
+no stored partition covers, so a killed run resumes at the first unfinished partition, and because a
+partition's numbers depend only on its rows, the resumed store holds identical numbers.
 """
 
 from __future__ import annotations
@@ -221,21 +221,20 @@ def plan_partitions(start: int, end: int, partition_size: int, n_rows: int) -> l
 def fill_partitions(store: GradientStore, start: int, end: int, partition_size: int,
                     compute: Callable[[int, int], Mapping[str, torch.Tensor]], progress: bool = True,
                     desc: str = "partitions") -> list[tuple[int, int]]:
-    """Compute and write every partition of ``[start, end)`` not yet stored; return those computed.
+    """Compute and write the rows of ``[start, end)`` that no stored partition covers; return what was computed.
 
-    A planned partition that overlaps a stored one with different bounds is an error (raised before any
-    compute), since the stored partition was cut differently.
+    Each uncovered stretch is cut into partitions of ``partition_size`` rows from its first row. A run
+    killed after some partitions therefore resumes at the first unfinished one with the partitions it
+    would have computed anyway, and runs over different ranges (or with different sizes) only ever add
+    the rows still missing.
     """
-    planned = plan_partitions(start, end, partition_size, store.n_rows)
-    stored = set(store.partitions())
-    for s, e in planned:
-        if (s, e) in stored:
-            continue
-        clash = [(a, b) for a, b in stored if a < e and s < b]
-        if clash:
-            raise FileExistsError(f"partition [{s}, {e}) overlaps stored partitions {clash[:2]} in "
-                                  f"{str(store.root)!r}: use the partition_size they were written with")
-    todo = [p for p in planned if p not in stored]
+    check_range(start, end, store.n_rows)
+    require_int("partition_size", partition_size, minimum=1)
+    todo = []
+    for gap_start, gap_end in store.coverage():
+        lo, hi = max(gap_start, start), min(gap_end, end)
+        if lo < hi:
+            todo += plan_partitions(lo, hi, partition_size, store.n_rows)
     for s, e in tqdm(todo, desc=desc, disable=not progress):
         store.write(s, e, compute(s, e))
     return todo
