@@ -86,3 +86,18 @@ def test_labels_enter_with_their_sign():
 
 def test_nnls_gram_of_zero_matrix():
     assert not nnls_gram(torch.zeros(3, 3), torch.zeros(3)).any()
+
+
+def test_singular_gram_gives_bounded_multipliers_and_scipys_residual():
+    """A random network whose gradient Gram matrix is singular: the fit must match scipy's NNLS on the
+    full matrix (residual <= 1, since lam = 0 already gives 1) with bounded multipliers."""
+    torch.manual_seed(0)
+    net = MLP(5, [6, 4], 1).double()
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = torch.tensor([1.0, -1, 1, -1, 1, -1, 1], dtype=torch.float64)
+    fit = kkt_fit(net, x, y)
+    jac = output_jacobian(net, x).numpy()
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy()
+    _, ref = scipy.optimize.nnls((jac * y.numpy()[:, None]).T, theta)
+    assert fit.rel_residual == pytest.approx(ref / np.linalg.norm(theta), abs=1e-6)
+    assert fit.lam.max() < 1e3

@@ -42,16 +42,25 @@ def flat_params(model: nn.Module, dtype: torch.dtype = torch.float64) -> Float[T
     return torch.cat([p.detach().reshape(-1).to(dtype) for p in model.parameters()])
 
 
-def nnls_gram(gram: Float[Tensor, "n n"], rhs: Float[Tensor, " n"], rel_eig_tol: float = 1e-12) -> np.ndarray:
-    """argmin_{lam >= 0} lam^T G lam - 2 rhs^T lam, via scipy's NNLS on a square root of G."""
+def nnls_gram(gram: Float[Tensor, "n n"], rhs: Float[Tensor, " n"], rel_eig_tol: float = 1e-12,
+              rel_ridge: float = 1e-12) -> np.ndarray:
+    """argmin_{lam >= 0} lam^T G lam - 2 rhs^T lam, via scipy's NNLS on a square root of G.
+
+    When G is singular the minimisers form a set (any null vector of G can be added); a ridge of
+    ``rel_ridge * max eigenvalue`` picks the smallest one, so the multipliers stay bounded.
+    """
     evals, evecs = np.linalg.eigh(gram.double().cpu().numpy())
-    keep = evals > rel_eig_tol * max(float(evals.max()), 0.0)
+    top = max(float(evals.max()), 0.0)
+    keep = evals > rel_eig_tol * top
     if not keep.any():
         return np.zeros(gram.shape[0])
     root = np.sqrt(evals[keep])
-    a = root[:, None] * evecs[:, keep].T  # G = a^T a
+    a = root[:, None] * evecs[:, keep].T  # G = a^T a on the kept subspace
     c = (evecs[:, keep].T @ rhs.double().cpu().numpy()) / root
-    lam, _ = scipy.optimize.nnls(a, c, maxiter=50 * gram.shape[0])
+    n = gram.shape[0]
+    a = np.vstack([a, np.sqrt(rel_ridge * top) * np.eye(n)])
+    c = np.concatenate([c, np.zeros(n)])
+    lam, _ = scipy.optimize.nnls(a, c, maxiter=50 * n)
     return lam
 
 
