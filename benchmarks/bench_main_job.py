@@ -23,7 +23,11 @@ GOAL_S = 600
 
 
 def main() -> None:
+    import shutil
+
     root = repo_root()
+    for name in all_notebooks(root):  # from scratch: checkpoints of an earlier ci run would be resumed
+        shutil.rmtree(root / "results" / name / "ci", ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "imprint", "run", "--profile", "ci"], cwd=root, check=True)
     notebooks_s = time.perf_counter() - start

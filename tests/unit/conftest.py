@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+import torch
 
 NOTEBOOK = textwrap.dedent('''\
     ---
@@ -47,3 +48,12 @@ def project(tmp_path):
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "notebooks" / "99_toy.md").write_text(NOTEBOOK)
     return tmp_path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

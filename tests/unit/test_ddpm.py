@@ -10,13 +10,7 @@ from imprint.models.ddpm import (DDPMConfig, DDPMEnsemble, DDPMTrainOptions, bal
                                  train_ddpm_ensemble)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = DDPMConfig(image_size=4, block_out_channels=(8, 8), norm_num_groups=4, n_classes=3, n_train_timesteps=20)

@@ -12,13 +12,7 @@ from imprint.models.feature_net import (DigitFeatureNet, FeatureExtractor, Featu
                                         train_feature_net)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fid_matches_torchmetrics_with_the_same_custom_feature_module():

@@ -12,13 +12,7 @@ from imprint.generative.self_consuming import (Chain, LoopOptions, balanced_draw
 from imprint.models.ddpm import DDPMConfig, DDPMTrainOptions
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CFG = DDPMConfig(image_size=4, block_out_channels=(8,), norm_num_groups=4, n_classes=2, n_train_timesteps=10)

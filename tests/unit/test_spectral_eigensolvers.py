@@ -11,13 +11,7 @@ from imprint.spectral.eigensolvers import (block_lanczos_eigsh, hutchinson_trace
                                            symmetric_eigenvalues)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def symmetric_with_spectrum(eigenvalues, seed=0):

@@ -10,13 +10,7 @@ from imprint.spectral.operators import (dense_denoiser_jacobians, denoiser_jacob
                                         make_probe_points)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny shapes gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CFG = DDPMConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, n_classes=3, n_train_timesteps=50)

@@ -52,17 +52,23 @@ def balanced_indices(labels: np.ndarray, classes: Sequence[int], n: int, rng: np
     return np.sort(np.concatenate(chosen))
 
 
-def split_images(images: np.ndarray, labels: np.ndarray, image_shape: tuple[int, ...], n_train: int,
-                 n_heldout: int, seed: int, classes: Sequence[int] | None = None) -> ImageSplit:
-    """Balanced, disjoint train and held-out splits of ``images`` (any shape, values in [0, 1])."""
-    require_int("n_train", n_train, minimum=1)
-    require_int("n_heldout", n_heldout, minimum=0)
+def check_classes(labels: np.ndarray, classes: Sequence[int] | None) -> list[int]:
+    """``classes`` (all classes of ``labels`` when None), each checked to occur in ``labels``."""
     all_classes = sorted(np.unique(labels).tolist())
     classes = all_classes if classes is None else list(classes)
     unknown = sorted(set(classes) - set(all_classes))
     if unknown:
         raise ValueError(f"classes={classes} names classes {unknown} that the data does not have "
                          f"(it has {all_classes})")
+    return classes
+
+
+def split_images(images: np.ndarray, labels: np.ndarray, image_shape: tuple[int, ...], n_train: int,
+                 n_heldout: int, seed: int, classes: Sequence[int] | None = None) -> ImageSplit:
+    """Balanced, disjoint train and held-out splits of ``images`` (any shape, values in [0, 1])."""
+    require_int("n_train", n_train, minimum=1)
+    require_int("n_heldout", n_heldout, minimum=0)
+    classes = check_classes(labels, classes)
     rng = np.random.default_rng(seed)
     train = balanced_indices(labels, classes, n_train, rng, what="n_train")
     heldout = balanced_indices(labels, classes, n_heldout, rng, exclude=train, what="n_heldout")

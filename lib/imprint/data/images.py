@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from imprint.data.digits import ImageSplit, balanced_indices
+from imprint.data.digits import ImageSplit, balanced_indices, check_classes
 from imprint.runtime.checks import require_choice, require_int, require_path
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -192,12 +192,7 @@ def make_attack_splits(images: np.ndarray, labels: np.ndarray, image_shape: Sequ
     """Balanced, pairwise disjoint index sets: target train, disjoint-control train, held-out pool."""
     require_int("n_train", n_train, minimum=1)
     require_int("n_heldout", n_heldout, minimum=1)
-    all_classes = sorted(np.unique(labels).tolist())
-    classes = all_classes if classes is None else list(classes)
-    unknown = sorted(set(classes) - set(all_classes))
-    if unknown:
-        raise ValueError(f"classes={classes} names classes {unknown} that the data does not have "
-                         f"(it has {all_classes})")
+    classes = check_classes(labels, classes)
     rng = np.random.default_rng(seed)
     target = balanced_indices(labels, classes, n_train, rng, what="n_train")
     disjoint = balanced_indices(labels, classes, n_train, rng, exclude=target, what="n_train (disjoint control)")
