@@ -61,7 +61,7 @@ def metrics_table(files: dict[str, Path]) -> str:
     lines = []
     for name, path in files.items():
         record = json.loads(path.read_text())
-        lines += [f"## `{name}`", "", "| metric | value |", "|---|---|"]
+        lines += [f"### `{name}`", "", "| metric | value |", "|---|---|"]
         lines += [f"| `{k}` | {v} |" for k, v in headline_rows(record.get("metrics", {}))]
         lines.append("")
     return "\n".join(lines) + "\n"
