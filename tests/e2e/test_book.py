@@ -8,7 +8,6 @@ import functools
 import http.server
 import os
 import threading
-from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 import pytest
