@@ -149,3 +149,67 @@ def test_block_lanczos_on_a_decaying_spectrum_and_after_an_invariant_subspace():
                                atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="block_size"):
         block_lanczos_eigsh(lambda rows: rows, 10, 2, block_size=0)
+
+
+def clustered_spectrum(d):
+    """A tight cluster of 30 eigenvalues at the top (spacings 1e-3, one pair 1e-6 apart), then a decay."""
+    top = 1.0 - 1e-3 * np.arange(30)
+    top[5] = top[4] - 1e-6
+    return np.concatenate([top, 0.9 / (1.0 + np.arange(d - 30)) ** 0.5])
+
+
+def assert_tolerance_honoured(a, res, tol):
+    """Converged: every wanted Ritz pair has a true residual within tol * |largest Ritz value|; otherwise
+    at least one residual bound exceeds it."""
+    scale = float(res.eigenvalues.abs().max())
+    true = (a @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(true, res.residuals, rtol=1e-3, atol=1e-12)
+    if res.converged:
+        assert float(true.max()) <= tol * scale * 1.001 + 1e-13
+    else:
+        assert float(res.residuals.max()) > tol * scale
+
+
+@pytest.mark.parametrize("block_size,check_every", [(32, 1), (32, 3), (48, 2)])
+def test_large_blocks_with_sparse_ritz_checks_on_a_clustered_spectrum(block_size, check_every):
+    d, k, tol = 400, 20, 1e-6
+    spectrum = clustered_spectrum(d)
+    a = symmetric_with_spectrum(spectrum, seed=11)
+    res = block_lanczos_eigsh(lambda rows: rows @ a, d, k, block_size=block_size, max_basis=d, tol=tol,
+                              check_every=check_every)
+    assert res.converged
+    assert_tolerance_honoured(a, res, tol)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(a).flip(0)[:k], rtol=1e-9, atol=1e-11)
+    every = block_lanczos_eigsh(lambda rows: rows @ a, d, k, block_size=block_size, max_basis=d, tol=tol)
+    # checking every few blocks costs at most check_every - 1 surplus blocks
+    assert every.n_matvec <= res.n_matvec <= every.n_matvec + (check_every - 1) * block_size
+
+
+@pytest.mark.parametrize("max_basis", [64, 96, 160])
+def test_block_lanczos_flags_unconverged_results_on_a_clustered_spectrum(max_basis):
+    d, k, tol = 400, 20, 1e-8
+    a = symmetric_with_spectrum(clustered_spectrum(d), seed=12)
+    res = block_lanczos_eigsh(lambda rows: rows @ a, d, k, block_size=32, max_basis=max_basis, tol=tol,
+                              check_every=2)
+    assert res.n_matvec <= max_basis
+    assert_tolerance_honoured(a, res, tol)
+    if max_basis == 64:
+        assert not res.converged
+
+
+def test_block_lanczos_on_repeated_eigenvalues_and_a_float32_operator():
+    d, k = 300, 12
+    spectrum = np.concatenate([[2.0] * 4, [1.5] * 3, 1.0 / (1.0 + np.arange(d - 7))])
+    a = symmetric_with_spectrum(spectrum, seed=13)
+    res = block_lanczos_eigsh(lambda rows: rows @ a, d, k, block_size=16, max_basis=d, tol=1e-9, check_every=2)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(np.sort(spectrum)[::-1][:k].copy()), rtol=1e-9,
+                               atol=1e-10)
+    assert_tolerance_honoured(a, res, 1e-9)
+    a32 = a.float()
+    res32 = block_lanczos_eigsh(lambda rows: rows.float() @ a32, d, k, block_size=16, max_basis=d, tol=1e-5,
+                                check_every=2)
+    assert res32.eigenvalues.dtype == torch.float64
+    torch.testing.assert_close(res32.eigenvalues, res.eigenvalues, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="check_every"):
+        block_lanczos_eigsh(lambda rows: rows, 10, 2, check_every=0)

@@ -6,8 +6,8 @@ import torch
 from imprint.models.ddpm import DDPMConfig, DDPMEnsemble, build_scheduler
 from imprint.spectral.eigensolvers import (block_lanczos_eigsh, hutchinson_trace, lanczos_eigsh, lanczos_svd,
                                            symmetric_eigenvalues)
-from imprint.spectral.operators import (dense_denoiser_jacobians, denoiser_jacobian, denoiser_map,
-                                        make_probe_points)
+from imprint.spectral.operators import (BatchedJacobianOperator, batched_denoiser_map, dense_denoiser_jacobians,
+                                        denoiser_jacobian, denoiser_map, make_probe_points)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,3 +131,82 @@ def test_bad_probe_arguments_are_refused(unet, point):
         denoiser_jacobian(unet, CFG, torch.zeros(1, 4, 4, dtype=torch.float64), 5, 0)
     with pytest.raises(ValueError, match="guidance_weight"):
         denoiser_jacobian(unet, CFG, point, 5, 0, guidance_weight=-1.0)
+
+
+@pytest.mark.parametrize("target", ["epsilon", "x0", "denoiser"])
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_batched_block_products_equal_the_dense_jacobian(unet, point, target, w):
+    dense = denoiser_jacobian(unet, CFG, point, 20, 1, target, guidance_weight=w).dense()  # jacfwd
+    sym = 0.5 * (dense + dense.T)
+    op = denoiser_jacobian(unet, CFG, point, 20, 1, target, guidance_weight=w, block_size=5)
+    assert isinstance(op, BatchedJacobianOperator) and not op.graphed
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(12, 64, generator=g, dtype=torch.float64)  # two full blocks and a padded one
+    torch.testing.assert_close(op.sym_matmat(rows), rows @ sym, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matmat(rows), rows @ dense.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.rmatmat(rows), rows @ dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.sym_matmat(rows[:3]), rows[:3] @ sym, rtol=1e-10, atol=1e-12)  # kept forward
+    v = rows[0]
+    torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.rmatvec(v), dense.T @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.sym_matvec(v), sym @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.dense(), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_map_is_the_flat_map_row_by_row_and_moves_between_points(unet, point):
+    batched = batched_denoiser_map(unet, CFG, 30, 2, "x0", guidance_weight=0.5)
+    flat = denoiser_map(unet, CFG, 30, 2, "x0", guidance_weight=0.5)
+    xs = torch.randn(4, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(batched(xs), torch.stack([flat(x) for x in xs]), rtol=1e-12, atol=1e-12)
+    op = denoiser_jacobian(unet, CFG, point, 30, 2, "x0", guidance_weight=0.5, block_size=8)
+    op.sym_matvec(xs[0])
+    op.set_point(xs[1])
+    other = denoiser_jacobian(unet, CFG, xs[1].reshape(1, 8, 8), 30, 2, "x0", guidance_weight=0.5).dense()
+    torch.testing.assert_close(op.dense(), other, rtol=1e-10, atol=1e-12)
+
+
+def test_block_lanczos_on_batched_products_matches_dense_eigh(unet, point):
+    op = denoiser_jacobian(unet, CFG, point, 15, 1, "denoiser", block_size=16)
+    exact = symmetric_eigenvalues(op.dense())
+    res = block_lanczos_eigsh(op.sym_matmat, 64, 6, block_size=16, tol=1e-10, max_basis=64, check_every=2)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, exact[:6], rtol=1e-8, atol=1e-9)
+
+
+def test_bad_batched_operator_arguments_are_refused(unet, point):
+    with pytest.raises(ValueError, match="block_size"):
+        denoiser_jacobian(unet, CFG, point, 5, 0, block_size=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        denoiser_jacobian(unet, CFG, point, 5, 0, cuda_graph=True)
+    with pytest.raises(ValueError, match="forward_mode"):
+        denoiser_jacobian(unet, CFG, point, 5, 0, block_size=4, forward_mode=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True: expected a model on a CUDA device"):
+            denoiser_jacobian(unet, CFG, point, 5, 0, block_size=4, cuda_graph=True)
+    fn = batched_denoiser_map(unet, CFG, 5, 0)
+    with pytest.raises(ValueError, match="cuda_graph=True: expected x on a CUDA device"):
+        BatchedJacobianOperator(fn, point.reshape(-1), 4, cuda_graph=True)
+    op = BatchedJacobianOperator(fn, point.reshape(-1), 4)
+    with pytest.raises(ValueError, match="rows have shape"):
+        op.sym_matmat(torch.zeros(3, 63, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x has shape"):
+        op.set_point(torch.zeros(63, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_block_products_equal_eager_ones_on_cuda(unet, point):
+    model = unet.cuda()
+    try:
+        eager = denoiser_jacobian(model, CFG, point, 20, 1, "denoiser", guidance_weight=1.0, block_size=4)
+        graphed = denoiser_jacobian(model, CFG, point, 20, 1, "denoiser", guidance_weight=1.0, block_size=4,
+                                    cuda_graph=True)
+        rows = torch.randn(6, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64).cuda()
+        torch.testing.assert_close(graphed.sym_matmat(rows), eager.sym_matmat(rows), rtol=1e-10, atol=1e-12)
+        assert graphed.graphed
+        other = point.reshape(-1).cuda() + 0.1
+        graphed.set_point(other)
+        eager.set_point(other)
+        torch.testing.assert_close(graphed.sym_matmat(rows), eager.sym_matmat(rows), rtol=1e-10, atol=1e-12)
+    finally:
+        unet.cpu()
