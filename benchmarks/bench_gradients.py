@@ -46,12 +46,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def load_model(name: str, device: torch.device):
+def load_model(name: str, device: torch.device, random_init: bool = False, seed: int = 0):
+    """``(model, tokenizer, label)``: the tiny Llama, SmolLM2 (``smollm2``) or a local checkpoint folder.
+
+    ``random_init``: the folder's ``config.json`` and tokenizer with random weights (speed depends only on
+    the shapes), for a GPU node that lacks the checkpoint's weights.
+    """
     if name == "tiny":
-        lm = tiny_llama(0, hidden_size=256, n_layers=4, vocab_size=2048)
-        return lm.model.to(device), lm.tokenizer
+        lm = tiny_llama(seed, hidden_size=256, n_layers=4, vocab_size=2048)
+        return lm.model.to(device), lm.tokenizer, "tiny"
+    if random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        config._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(device).eval().requires_grad_(False)
+        return model, AutoTokenizer.from_pretrained(name, local_files_only=True), f"{Path(name).name} (random weights)"
     lm = load_causal_lm("" if name == "smollm2" else name, device=device)
-    return lm.model, lm.tokenizer
+    return lm.model, lm.tokenizer, lm.name
 
 
 def dense_projectors(model, k: int, seed: int) -> dict[str, BlockedProjector]:
@@ -104,20 +117,27 @@ def run_method(method: str, model, enc, args, device) -> dict:
     fn = METHODS[method]
     warm = enc.select(0, min(2, len(enc)))
     fn(model, warm, args.proj_dim, args.seed, args.batch_size)  # warm-up (kernels, allocator)
+    seconds, peak, result = timed(lambda: fn(model, enc, args.proj_dim, args.seed, args.batch_size), device)
+    record = {"examples": len(enc), "seconds": seconds, "examples_per_s": len(enc) / seconds,
+              "output_dim": result.shape[1]}
+    if peak is not None:
+        record["peak_bytes"] = peak
+    return record
+
+
+def timed(fn, device: torch.device) -> tuple[float, int | None, object]:
+    """``(seconds, peak CUDA bytes above the start or None off CUDA, result)`` of one call of ``fn``."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     _sync(device)
     start = time.perf_counter()
-    result = fn(model, enc, args.proj_dim, args.seed, args.batch_size)
+    out = fn()
     _sync(device)
     seconds = time.perf_counter() - start
-    record = {"examples": len(enc), "seconds": seconds, "examples_per_s": len(enc) / seconds,
-              "output_dim": result.shape[1]}
-    if device.type == "cuda":
-        record["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
-    return record
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    return seconds, peak, out
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -130,6 +150,7 @@ def _proc_status_bytes(field: str) -> int:
 def child_peak(method: str, n: int, args) -> int:
     """Peak resident bytes added by ``method`` on ``n`` examples, in a child process (Linux only)."""
     cmd = [sys.executable, __file__, "--child", method, "--device", "cpu", "--model", args.model,
+           *(["--random-init"] if args.random_init else []),
            "--n-examples", str(n), "--batch-size", str(args.batch_size), "--proj-dim", str(args.proj_dim),
            "--max-length", str(args.max_length), "--seed", str(args.seed)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -140,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny", help="tiny | smollm2 | path of a local checkpoint")
+    parser.add_argument("--random-init", action="store_true", help="random weights from the folder's config.json")
     parser.add_argument("--n-examples", type=int, default=32)
     parser.add_argument("--naive-examples", type=int, default=8, help="the naive loop runs on this many")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -151,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, device)
+    model, tokenizer, model_name = load_model(args.model, device, args.random_init, args.seed)
 
     if args.child is not None:
         enc = encode(tokenizer, args.n_examples, args.max_length, device)
@@ -164,7 +186,7 @@ def main() -> None:
 
     enc = encode(tokenizer, args.n_examples, args.max_length, device)
     n_params = sum(dict(model.named_parameters())[n].numel() for n in weight_matrix_names(model))
-    results = {"device": describe_device(device), "model": args.model, "weight_parameters": n_params,
+    results = {"device": describe_device(device), "model": model_name, "weight_parameters": n_params,
                "n_weight_matrices": len(weight_matrix_names(model)), "proj_dim_per_matrix": args.proj_dim,
                "batch_size": args.batch_size, "max_length": args.max_length,
                "mean_tokens": float(enc.lengths.double().mean()), "methods": {}}
@@ -200,9 +222,13 @@ def main() -> None:
     results["speedup_vmap_dense_vs_naive"] = rate["vmap_dense"] / rate["naive_loop"]
     results["factored_peak_ratio_2n_vs_n"] = (results["factored_peak_bytes_at_2n"]
                                               / max(1, results["methods"]["factored"]["peak_bytes"]))
-    path = RESULTS / f"gradients_{device.type}.json"
-    atomic_write_json(path, results)
-    print(json.dumps({k: v for k, v in results.items() if k != "methods"}, indent=1))
+    save(results, RESULTS / f"gradients_{device.type}.json")
+
+
+def save(record: dict, path: Path) -> None:
+    """Write the record and print it without its per-method details."""
+    atomic_write_json(path, record)
+    print(json.dumps({k: v for k, v in record.items() if k != "methods"}, indent=1))
     print(f"wrote {path}")
 
 

@@ -6,7 +6,7 @@ import torch
 
 from imprint.data.text import InstructionExample, encode_chat_examples
 from imprint.gradients.per_example import (GradientProjection, capture_factors, capture_rows, factor_gram,
-                                           gram_costs, factor_sites, group_name, parameter_groups,
+                                           gram_costs, factor_sites, group_name, materialise_gradients, parameter_groups,
                                            per_example_gradients, per_example_gradients_factored,
                                            per_example_gradients_loop, projected_features, projected_gradients,
                                            sft_loss_per_example, weight_matrix_names)
@@ -117,6 +117,28 @@ def test_exact_gram_equals_brute_force(lm, encoding, reference, method):
     torch.testing.assert_close(sum(sq_queries.values()), flat[1:3].square().sum(1), rtol=1e-9, atol=1e-14)
     for name, ref in reference.items():
         torch.testing.assert_close(dots[name], ref.flatten(1) @ ref[1:3].flatten(1).T, rtol=1e-9, atol=1e-14)
+
+
+def test_gram_with_formed_key_gradients_equals_brute_force(lm, encoding, reference):
+    sites = factor_sites(lm.model)
+    keys = capture_rows(lm.model, encoding, 0, 4, sites, batch_size=3)
+    queries = capture_rows(lm.model, encoding, 1, 3, sites, batch_size=1)
+    names = weight_matrix_names(lm.model)
+    formed = materialise_gradients(keys, names[::2], max_elements=500)  # every other weight, in row chunks
+    for name in names[::2]:
+        torch.testing.assert_close(formed[name], reference[name].flatten(1), rtol=1e-9, atol=1e-14)
+    hollow = keys.without(names[::2])  # the formed weights' factors are released
+    assert hollow.n == keys.n and all(hollow.output_grads[s.module_name].shape[1] == 0
+                                      for s in sites if s.param_name in names[::2])
+    dots, sq_keys, sq_queries = factor_gram(hollow, queries, max_elements=500, a_gradients=formed)
+    for name, ref in reference.items():
+        torch.testing.assert_close(dots[name], ref.flatten(1) @ ref[1:3].flatten(1).T, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(sq_keys[name], ref.flatten(1).square().sum(1), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(sq_queries[name], ref[1:3].flatten(1).square().sum(1), rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="a_gradients"):
+        factor_gram(keys, queries, a_gradients={"not.a.weight": formed[names[0]]})
+    with pytest.raises(ValueError, match=r"a_gradients\[.*expected"):
+        factor_gram(keys, queries, a_gradients={names[0]: formed[names[0]][:2]})
 
 
 def test_gram_costs_prefer_ghost_for_short_sequences(lm, encoding):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from imprint.data.text import InstructionExample, encode_chat_examples
-from imprint.gradients.per_example import (GradientProjection, factor_sites, per_example_gradients_loop,
+from imprint.gradients.per_example import (GradientProjection, capture_rows, factor_sites, per_example_gradients_loop,
                                            weight_matrix_names)
-from imprint.gradients.pipeline import EXACT_SHARED, exact_gram, exact_rows, features, projected_gram, projected_rows
+from imprint.gradients.pipeline import (EXACT_SHARED, exact_gram, exact_rows, features, keys_to_form, projected_gram,
+                                       projected_rows)
 from imprint.gradients.similarity import retrieval_metrics
 from imprint.gradients.store import GradientStore, fill_partitions
 from imprint.models.lm import tiny_llama
@@ -80,16 +81,48 @@ def test_partitioned_exact_store_gives_the_one_shot_gram(setup, tmp_path):
                                    .double(), rtol=1e-5, atol=1e-9)
 
 
-def test_query_blocks_do_not_change_the_numbers(setup):
+def test_query_blocks_and_their_order_do_not_change_the_numbers(setup):
     lm, train, variants, names, flat = setup
     sites = factor_sites(lm.model)
     one = {"paraphrased": variants["paraphrased"]}
     a = exact_rows(lm.model, train, one, 0, 2, sites, batch_size=2, query_block=3)
-    b = exact_rows(lm.model, train, one, 0, 2, sites, batch_size=1, query_block=5, method="materialise")
+    b = exact_rows(lm.model, train, one, 0, 2, sites, batch_size=1, query_block=5, method="materialise",
+                   length_order=False)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-14)
     with pytest.raises(ValueError, match="query_block"):
         exact_rows(lm.model, train, one, 0, 2, sites, batch_size=2, query_block=0)
+
+
+@pytest.mark.parametrize("method", ["materialise", "auto"])
+def test_keys_formed_once_give_the_same_numbers(setup, method):
+    lm, train, variants, names, flat = setup
+    sites = factor_sites(lm.model)
+    plain = exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, query_block=2, method=method)
+    kept = exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, query_block=2, method=method,
+                      key_elements=10 ** 9)
+    assert set(plain) == set(kept)
+    for key in plain:
+        torch.testing.assert_close(kept[key], plain[key], rtol=1e-9, atol=1e-14)
+    for setting in variants:
+        for n in names:
+            torch.testing.assert_close(kept[f"dot/{setting}/{n}"], flat["train"][n][1:4] @ flat[setting][n].T,
+                                       rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="key_elements"):
+        exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, key_elements=-1)
+
+
+def test_keys_to_form_stays_within_its_budget(setup):
+    lm, train, variants, names, flat = setup
+    keys = capture_rows(lm.model, train, 0, 3, factor_sites(lm.model), batch_size=3)
+    size = {n: keys.n * flat["train"][n].shape[1] for n in names}
+    assert keys_to_form(keys, 1 << 20, "materialise", sum(size.values())) == names
+    assert keys_to_form(keys, 1 << 20, "ghost", sum(size.values())) == []
+    assert keys_to_form(keys, 1 << 20, "materialise", 0) == []
+    budget = sum(size.values()) // 2
+    chosen = keys_to_form(keys, 1 << 20, "materialise", budget)
+    assert 0 < sum(size[n] for n in chosen) <= budget and len(chosen) < len(names)
+    assert chosen == [n for n in names if n in chosen]  # model order
 
 
 def test_killed_projected_pass_resumes_with_identical_numbers(setup, tmp_path):

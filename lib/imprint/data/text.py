@@ -314,6 +314,13 @@ class ChatEncoding:
         return ChatEncoding(self.input_ids[start:end, :width], self.labels[start:end, :width],
                             self.lengths[start:end])
 
+    def take(self, index: Tensor) -> "ChatEncoding":
+        """The examples at ``index`` (in that order), cut to their longest sequence."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        return ChatEncoding(self.input_ids[index, :width], self.labels[index, :width], lengths)
+
 
 def encode_chat_examples(tokenizer, examples: Sequence[InstructionExample], max_length: int = 256) -> ChatEncoding:
     """Apply the chat template to (user: instruction, assistant: answer) and label the answer tokens.

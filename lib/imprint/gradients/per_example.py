@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -44,10 +44,13 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 def sft_loss_per_example(logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
                          ) -> Float[Tensor, " batch"]:
     """Mean next-token cross-entropy over each example's answer tokens (``labels`` shifted by one)."""
-    targets = labels[:, 1:]
+    # position t predicts token t + 1; the last position predicts nothing. The logits stay (batch * seq,
+    # vocab) with the vocabulary contiguous: the (batch, vocab, seq) layout takes a much slower kernel.
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     mask = targets != IGNORE_INDEX
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(),
+                                             reduction="none").view(targets.shape)
     return (token_loss * mask).sum(1) / mask.sum(1)
 
 
@@ -255,33 +258,64 @@ class Factors:
         return next(iter(self.output_grads.values())).shape[0]
 
     @property
+    def seq_len(self) -> int:
+        return max(t.shape[1] for t in self.output_grads.values())
+
+    @property
     def param_names(self) -> list[str]:
         return list(dict.fromkeys(s.param_name for s in self.sites))
+
+    def without(self, param_names: Sequence[str]) -> "Factors":
+        """The same factors with the tensors of the sites of ``param_names`` released (kept as empty tensors).
+
+        For weights whose gradients are already formed (:func:`materialise_gradients`): their factors are
+        no longer read, and a tensor shared with a site of another weight stays alive through that site.
+        """
+        dropped = {s.module_name for s in self.sites if s.param_name in set(param_names)}
+        hollow = Factors(self.sites, dict(self.inputs), dict(self.output_grads), self.losses)
+        for name in dropped:
+            for kept in (hollow.inputs, hollow.output_grads):
+                t = kept[name]
+                kept[name] = t.new_empty((t.shape[0], 0, *t.shape[2:]))
+        return hollow
+
+    def take(self, index: Tensor) -> "Factors":
+        """The examples at ``index`` (a shared tensor stays shared)."""
+        taken = Factors(self.sites, losses=None if self.losses is None else self.losses[index.to(self.losses.device)])
+        memo: dict[int, Tensor] = {}
+        for kind in ("inputs", "output_grads"):
+            for name, t in getattr(self, kind).items():
+                if id(t) not in memo:
+                    memo[id(t)] = t[index.to(t.device)]
+                getattr(taken, kind)[name] = memo[id(t)]
+        return taken
 
     def param_shape(self, param_name: str) -> tuple[int, int]:
         site = next(s for s in self.sites if s.param_name == param_name)
         return site.out_features, site.in_features
 
     def gradients(self, param_name: str, rows: slice = slice(None)) -> Float[Tensor, "n out in"]:
-        """The per-example gradient of ``param_name`` for examples ``rows``: ``sum_t g_t a_t^T`` over its sites."""
+        """The per-example gradient of ``param_name`` for examples ``rows``: ``sum_t g_t a_t^T`` over its sites.
+
+        Linear sites contribute a batched product over positions; an embedding site adds its output
+        gradients into the rows of its token ids, in place.
+        """
+        sites = [s for s in self.sites if s.param_name == param_name]
+        if not sites:
+            raise ValueError(f"param_name={param_name!r}: not captured by these factors")
         total = None
-        for site in self.sites:
-            if site.param_name != param_name:
-                continue
+        for site in sorted(sites, key=lambda s: s.kind != "linear"):  # linear sites first
             g = self.output_grads[site.module_name][rows]
             if site.kind == "linear":
-                a = self.inputs[site.module_name][rows].to(g.dtype)
-                part = torch.einsum("bto,bti->boi", g, a)
-            else:
-                ids = self.inputs[site.module_name][rows]
-                b, t = ids.shape
-                part = torch.zeros(b * site.out_features, site.in_features, device=g.device, dtype=g.dtype)
-                flat = (ids + site.out_features * torch.arange(b, device=ids.device)[:, None]).reshape(-1)
-                part.index_put_((flat,), g.reshape(b * t, -1), accumulate=True)
-                part = part.view(b, site.out_features, site.in_features)
-            total = part if total is None else total + part
-        if total is None:
-            raise ValueError(f"param_name={param_name!r}: not captured by these factors")
+                part = torch.einsum("bto,bti->boi", g, self.inputs[site.module_name][rows].to(g.dtype))
+                total = part if total is None else total.add_(part)
+                continue
+            ids = self.inputs[site.module_name][rows]
+            b, t = ids.shape
+            if total is None:
+                total = torch.zeros(b, site.out_features, site.in_features, device=g.device, dtype=g.dtype)
+            flat = (ids + site.out_features * torch.arange(b, device=ids.device)[:, None]).reshape(-1)
+            total.view(b * site.out_features, site.in_features).index_add_(0, flat, g.reshape(b * t, -1))
         return total
 
     @staticmethod
@@ -493,21 +527,55 @@ def _ghost_sqnorms(f: Factors, name: str, dtype: torch.dtype) -> Tensor:
     return total
 
 
-def gram_costs(a: Factors, b: Factors, name: str, max_elements: int) -> dict[str, float]:
-    """Multiply-adds of the two exact methods for one weight: materialised gradients or the ghost identity."""
+def gram_costs(a: Factors, b: Factors, name: str, max_elements: int, a_formed: bool = False) -> dict[str, float]:
+    """Multiply-adds of the two exact methods for one weight: materialised gradients or the ghost identity.
+
+    ``a_formed``: the gradients of ``a`` are already materialised (:func:`materialise_gradients`), so only
+    those of ``b`` are formed, once.
+    """
     out, inp = a.param_shape(name)
     n_sites = sum(s.param_name == name for s in a.sites)
-    t_a = next(iter(a.output_grads.values())).shape[1]
-    t_b = next(iter(b.output_grads.values())).shape[1]
+    t_a, t_b = a.seq_len, b.seq_len
     rows = max(1, max_elements // (out * inp))
-    chunks_a = -(-a.n // rows)
+    chunks_a = 1 if a_formed else -(-a.n // rows)
+    formed_a = 0 if a_formed else a.n * t_a
     # Materialising writes and reads every gradient entry: bound by memory traffic, so counted twice.
-    materialise = 2 * (n_sites * out * inp * (a.n * t_a + chunks_a * b.n * t_b) + a.n * b.n * out * inp)
+    materialise = 2 * (n_sites * out * inp * (formed_a + chunks_a * b.n * t_b) + a.n * b.n * out * inp)
     ghost = n_sites ** 2 * a.n * b.n * t_a * t_b * (out + inp) + (a.n * t_a ** 2 + b.n * t_b ** 2) * (out + inp)
     return {"materialise": float(materialise), "ghost": float(ghost)}
 
 
-def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str = "auto"
+def _sqnorms(rows: Tensor, width: int) -> Tensor:
+    """Squared norms of flattened ``(out, width)`` gradients: each matrix row's norm in the gradient's dtype,
+    their squares summed in float64 (one float32 sum over a 28M-entry table would lose digits)."""
+    per_row = torch.linalg.vector_norm(rows.view(rows.shape[0], -1, width), dim=2)
+    return per_row.double().square().sum(1)
+
+
+def materialise_gradients(f: Factors, names: Sequence[str], max_elements: int = 1 << 28) -> dict[str, Tensor]:
+    """``{name: (n, out * in)}``: the flattened per-example gradients of ``names``, formed once.
+
+    Passed to :func:`factor_gram` as ``a_gradients``, they spare re-forming the same examples' gradients
+    against every new batch of the other side (the keys of a store partition against blocks of queries).
+    Formed in row chunks of at most ``max_elements`` numbers; the result holds ``n`` times the weights' size.
+    """
+    require_int("max_elements", max_elements, minimum=1)
+    out = {}
+    for name in names:
+        rows_out, cols = f.param_shape(name)
+        rows = max(1, max_elements // (rows_out * cols))
+        first = f.gradients(name, slice(0, rows)).flatten(1)
+        formed = first.new_empty((f.n, rows_out * cols))
+        formed[:len(first)] = first
+        del first
+        for lo in range(rows, f.n, rows):
+            formed[lo:lo + rows] = f.gradients(name, slice(lo, lo + rows)).flatten(1)
+        out[name] = formed
+    return out
+
+
+def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str = "auto",
+                a_gradients: Mapping[str, Tensor] | None = None
                 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Exact per-weight inner products ``<grad_i, grad_j>`` of the examples of ``a`` and ``b``.
 
@@ -517,36 +585,53 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
     ``max_elements`` numbers; ``"ghost"`` never forms them and uses
     ``<sum_t u_t w_t^T, sum_s u'_s w'_s^T> = sum_{t,s} (u_t . u'_s)(w_t . w'_s)``, cheaper for short
     sequences and few examples. ``"auto"`` picks the cheaper one per weight (:func:`gram_costs`).
+    ``a_gradients`` (from :func:`materialise_gradients`) holds already formed gradients of ``a`` for some
+    weights: those weights use them and form only the gradients of ``b``.
     """
     require_choice("method", method, ["auto", "materialise", "ghost"])
     require_int("max_elements", max_elements, minimum=1)
+    formed = dict(a_gradients or {})
+    unknown = [n for n in formed if n not in a.param_names]
+    if unknown:
+        raise ValueError(f"a_gradients: {unknown[:3]} are not weights of these factors")
     dots, sq_a, sq_b = {}, {}, {}
     for name in a.param_names:
         out, inp = a.param_shape(name)
-        chosen = method
-        if method == "auto":
+        if name in formed and formed[name].shape != (a.n, out * inp):
+            raise ValueError(f"a_gradients[{name!r}] has shape {tuple(formed[name].shape)}: expected "
+                             f"({a.n}, {out * inp})")
+        chosen = "materialise" if name in formed else method
+        if chosen == "auto":
             costs = gram_costs(a, b, name, max_elements)
             chosen = min(costs, key=costs.get)
         dtype = next(iter(a.output_grads.values())).dtype
+        rows = max(1, max_elements // (out * inp))
         if chosen == "ghost":
-            per_pair = max(1, max_elements // max(1, b.n * next(iter(b.output_grads.values())).shape[1]
-                                                  * next(iter(a.output_grads.values())).shape[1]))
+            per_pair = max(1, max_elements // max(1, b.n * b.seq_len * a.seq_len))
             dot = torch.cat([_ghost_dots(a, b, name, slice(lo, lo + per_pair), slice(None), dtype).double()
                              for lo in range(0, a.n, per_pair)])
             norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double() for f in (a, b))
+        elif name in formed:
+            ga = formed[name]
+            norm_a = _sqnorms(ga, inp)
+            dot = torch.empty(a.n, b.n, dtype=torch.float64, device=ga.device)
+            norm_b = torch.empty(b.n, dtype=torch.float64, device=ga.device)
+            for lo_b in range(0, b.n, rows):
+                gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
+                norm_b[lo_b:lo_b + gb.shape[0]] = _sqnorms(gb, inp)
+                dot[:, lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double()
         else:
-            rows = max(1, max_elements // (out * inp))
             device = next(iter(a.output_grads.values())).device
             dot = torch.empty(a.n, b.n, dtype=torch.float64, device=device)
             norm_a = torch.empty(a.n, dtype=torch.float64, device=device)
             norm_b = torch.empty(b.n, dtype=torch.float64, device=device)
             for lo in range(0, a.n, rows):
                 ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
-                norm_a[lo:lo + ga.shape[0]] = ga.double().square().sum(1)
+                norm_a[lo:lo + ga.shape[0]] = _sqnorms(ga, inp)
                 for lo_b in range(0, b.n, rows):
                     gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
                     if lo == 0:
-                        norm_b[lo_b:lo_b + gb.shape[0]] = gb.double().square().sum(1)
+                        norm_b[lo_b:lo_b + gb.shape[0]] = _sqnorms(gb, inp)
                     dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double()
         dots[name], sq_a[name], sq_b[name] = dot, norm_a, norm_b
     # one transfer at the end rather than a device synchronisation per weight

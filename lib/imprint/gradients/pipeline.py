@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from imprint.data.text import ChatEncoding
-from imprint.gradients.per_example import GradientProjection, Site, capture_rows, factor_gram
+from imprint.gradients.per_example import (Factors, GradientProjection, Site, capture_rows, factor_gram, gram_costs,
+                                           materialise_gradients)
 from imprint.gradients.similarity import Gram
-from imprint.runtime.checks import require_int
+from imprint.runtime.checks import require_choice, require_int
 
 EXACT_SHARED = ("query_sqnorm/",)
 
@@ -45,20 +46,59 @@ def _flatten_projected(prefix: str, projected: Mapping[int, Mapping[str, Tensor]
     return {f"{prefix}k{k}/{name}": value.float().cpu() for k, per in projected.items() for name, value in per.items()}
 
 
+def keys_to_form(keys: Factors, max_elements: int, method: str, budget: int) -> list[str]:
+    """The weights whose key gradients :func:`exact_rows` forms once, in model order, within ``budget`` numbers.
+
+    Only weights that the chosen ``method`` would materialise anyway qualify (with ``"auto"``, those for
+    which materialising formed keys is cheaper than the ghost identity, the keys standing in for the
+    queries' lengths).
+    """
+    require_int("budget", budget, minimum=0)
+    chosen, used = [], 0
+    for name in keys.param_names:
+        out, inp = keys.param_shape(name)
+        if method == "ghost":
+            break
+        if method == "auto":
+            costs = gram_costs(keys, keys, name, max_elements, a_formed=True)
+            if costs["ghost"] < costs["materialise"]:
+                continue
+        if used + keys.n * out * inp <= budget:
+            chosen.append(name)
+            used += keys.n * out * inp
+    return chosen
+
+
+def _half_device_memory(model: nn.Module) -> int:
+    """Numbers of the model's dtype that fill half of its CUDA device's memory; 0 off CUDA."""
+    weight = next(model.parameters())
+    if weight.device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(weight.device).total_memory // 2 // weight.element_size()
+
+
 def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, ChatEncoding], start: int, end: int,
                sites: Sequence[Site], batch_size: int, projection: GradientProjection | None = None,
-               max_elements: int = 1 << 28, method: str = "auto", query_block: int | None = None
-               ) -> dict[str, Tensor]:
+               max_elements: int = 1 << 28, method: str = "auto", query_block: int | None = None,
+               key_elements: int | None = None, length_order: bool = True) -> dict[str, Tensor]:
     """Store tensors for training examples ``start:end`` against every variant of every setting.
 
     Variants are captured ``query_block`` at a time (in backward passes of ``batch_size``); a larger block
-    re-forms the training examples' gradients fewer times at the cost of memory.
+    re-forms the training examples' gradients fewer times at the cost of memory. ``key_elements`` bounds
+    how many numbers of formed training-example gradients are kept for the whole partition
+    (:func:`keys_to_form`); those weights are formed once instead of once per block. ``None``: half the
+    memory of a CUDA device, none on other devices. ``length_order``: variants are captured in order of
+    length (less padding), their results put back in dataset order.
 
     Rows (``end - start``): ``dot/{setting}/{weight}`` (rows, n_variants), ``sqnorm/{weight}`` and, with a
     projection, ``train/k{k}/{weight}`` and ``query/{setting}/k{k}/{weight}`` (the variants ``start:end``).
     Shared: ``query_sqnorm/{setting}/{weight}`` (n_variants,).
     """
     require_int("batch_size", batch_size, minimum=1)
+    if key_elements is None:
+        key_elements = _half_device_memory(model)
+    require_int("key_elements", key_elements, minimum=0)
+    require_choice("method", method, ["auto", "materialise", "ghost"])
     block = require_int("query_block", query_block if query_block is not None else batch_size, minimum=1)
     for setting, encoding in variants.items():
         if len(encoding) != len(train):
@@ -68,27 +108,38 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
     tensors: dict[str, Tensor] = {}
     if projection is not None:
         tensors.update(_flatten_projected("train/", projection.project(keys)))
+    formed = materialise_gradients(keys, keys_to_form(keys, max_elements, method, key_elements), max_elements)
+    keys = keys.without(list(formed))
     key_norms: dict[str, Tensor] = {}
     for setting, encoding in variants.items():
+        # Blocks of similar lengths: a batch is as wide as its longest sequence, so sorting the variants
+        # by length spares most of the padding in the forward and backward passes and the formed gradients.
+        order = torch.argsort(encoding.lengths, stable=True) if length_order else torch.arange(len(encoding))
+        by_length = encoding.take(order)
         dots: dict[str, list[Tensor]] = defaultdict(list)
         query_norms: dict[str, list[Tensor]] = defaultdict(list)
-        query_features: dict[str, list[Tensor]] = defaultdict(list)
+        query_features: dict[str, Tensor] = {}
         for lo in range(0, len(encoding), block):
-            queries = capture_rows(model, encoding, lo, min(lo + block, len(encoding)), sites, batch_size)
-            dot, sq_keys, sq_queries = factor_gram(keys, queries, max_elements, method)
+            queries = capture_rows(model, by_length, lo, min(lo + block, len(encoding)), sites, batch_size)
+            dot, sq_keys, sq_queries = factor_gram(keys, queries, max_elements, method, formed)
             for name in dot:
                 dots[name].append(dot[name])
                 query_norms[name].append(sq_queries[name])
                 key_norms.setdefault(name, sq_keys[name])
-            mine = slice(max(start, lo) - lo, max(0, min(end, lo + queries.n) - lo))
-            if projection is not None and mine.stop > mine.start:
-                for key, value in _flatten_projected(f"query/{setting}/", projection.project(queries)).items():
-                    query_features[key].append(value[mine])
+            index = order[lo:lo + queries.n]
+            mine = torch.nonzero((index >= start) & (index < end)).flatten()
+            if projection is not None and len(mine):
+                for key, value in _flatten_projected(f"query/{setting}/",
+                                                     projection.project(queries.take(mine))).items():
+                    if key not in query_features:
+                        query_features[key] = value.new_zeros((end - start, value.shape[1]))
+                    query_features[key][index[mine] - start] = value
             del queries
+        inverse = torch.argsort(order)
         for name in dots:
-            tensors[f"dot/{setting}/{name}"] = torch.cat(dots[name], dim=1)
-            tensors[f"query_sqnorm/{setting}/{name}"] = torch.cat(query_norms[name])
-        tensors.update({key: torch.cat(parts) for key, parts in query_features.items()})
+            tensors[f"dot/{setting}/{name}"] = torch.cat(dots[name], dim=1)[:, inverse]
+            tensors[f"query_sqnorm/{setting}/{name}"] = torch.cat(query_norms[name])[inverse]
+        tensors.update(query_features)
     tensors.update({f"sqnorm/{name}": value for name, value in key_norms.items()})
     return tensors
 

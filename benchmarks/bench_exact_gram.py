@@ -1,0 +1,146 @@
+"""One partition of the exact gradient store of chapter 03: what the query order and formed keys save.
+
+:func:`imprint.gradients.pipeline.exact_rows` compares ``P`` training examples (the keys of one store
+partition) with ``Q`` variants (the queries), captured ``query_block`` at a time. Three configurations
+run in the same process on the same model and texts, in interleaved rounds, each keeping its fastest;
+their outputs must agree:
+
+* ``dataset_order_reformed``: queries in dataset order, every weight's key gradients re-formed from the
+  captured factors for every block of queries (the configuration of the first run of record);
+* ``length_order_reformed``: queries sorted by length, so that a batch is padded to little more than
+  its own lengths;
+* ``length_order_formed_once``: sorted, and the key gradients formed once per partition and kept.
+
+A fourth timing captures the sorted queries alone (forward and backward with hooks, no Gram), the part
+no configuration saves. The products are float32 matrix products of float32 gradients; their error against
+float64 products of the same gradients is recorded per weight matrix (largest and median, relative to
+the largest dot). Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` above the model. With
+``--random-init`` the model is built from the ``config.json`` of ``--model`` with random weights (only the
+shapes matter for speed); the texts are the chapter's Python-documentation pairs and their rule-based
+paraphrases.
+
+Writes ``benchmarks/results/exact_gram_<device>.json``.
+
+    python benchmarks/bench_exact_gram.py --device cpu --model smollm2 --keys 4 --queries 16 --query-block 4
+    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 16
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from imprint.data.text import encode_chat_examples, python_docs_examples, rule_paraphrase, split_examples
+from imprint.gradients.per_example import capture_rows, factor_sites, weight_matrix_names
+from imprint.gradients.pipeline import exact_rows
+from imprint.runtime import describe_device
+
+from bench_gradients import load_model, save, timed  # noqa: E402  (run as a script from benchmarks/)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _padding(encoding, batch_size: int) -> float:
+    """Tokens the batches of ``batch_size`` pass through the model, per real token."""
+    lengths = encoding.lengths
+    padded = sum(int(lengths[lo:lo + batch_size].max()) * len(lengths[lo:lo + batch_size])
+                 for lo in range(0, len(lengths), batch_size))
+    return padded / int(lengths.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a local checkpoint folder")
+    parser.add_argument("--random-init", action="store_true", help="random weights from the folder's config.json")
+    parser.add_argument("--keys", type=int, default=8, help="training examples in the partition")
+    parser.add_argument("--queries", type=int, default=32, help="variants compared with them")
+    parser.add_argument("--query-block", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-elements", type=int, default=1 << 29)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model, tokenizer, model_name = load_model(args.model, device, args.random_init, args.seed)
+    if not 1 <= args.keys <= args.queries:
+        parser.error(f"--keys {args.keys} --queries {args.queries}: expected 1 <= keys <= queries (one variant "
+                     "per training example)")
+    examples = split_examples(python_docs_examples())[0][:args.queries]
+    train = encode_chat_examples(tokenizer, examples, args.max_length)
+    variants = {"paraphrased": encode_chat_examples(
+        tokenizer, [replace(e, instruction=rule_paraphrase(e.instruction, instruction=True),
+                            answer=rule_paraphrase(e.answer)) for e in examples], args.max_length)}
+    sites = factor_sites(model)
+    names = weight_matrix_names(model)
+    shapes = dict(model.named_parameters())
+    every_key = args.keys * sum(shapes[n].numel() for n in names)
+    configs = {"dataset_order_reformed": (0, False), "length_order_reformed": (0, True),
+               "length_order_formed_once": (every_key, True)}
+    by_length = variants["paraphrased"].take(torch.argsort(variants["paraphrased"].lengths, stable=True))
+
+    def run(key_elements: int, length_order: bool):
+        return exact_rows(model, train, variants, 0, args.keys, sites, args.batch_size,
+                          max_elements=args.max_elements, method="materialise", query_block=args.query_block,
+                          key_elements=key_elements, length_order=length_order)
+
+    def capture_only():
+        for lo in range(0, args.queries, args.query_block):
+            capture_rows(model, by_length, lo, min(lo + args.query_block, args.queries), sites, args.batch_size)
+
+    record = {"device": describe_device(device), "model": model_name, "keys": args.keys, "queries": args.queries,
+              "query_block": args.query_block, "batch_size": args.batch_size, "max_length": args.max_length,
+              "max_elements": args.max_elements, "weight_matrices": len(names),
+              "weight_parameters": sum(shapes[n].numel() for n in names),
+              "mean_tokens_keys": float(train.lengths[:args.keys].double().mean()),
+              "mean_tokens_queries": float(variants["paraphrased"].lengths.double().mean()), "methods": {}}
+    # warm-up on one small block, then the same inputs for every method
+    exact_rows(model, train.select(0, 2), {"paraphrased": variants["paraphrased"].select(0, 2)}, 0, 2, sites, 2,
+               max_elements=args.max_elements, method="materialise")
+    outputs = {}
+    for round_ in range(args.rounds):
+        for label, config in [*configs.items(), ("capture_queries_only", None)]:
+            fn = capture_only if config is None else (lambda c=config: run(*c))
+            seconds, peak, out = timed(fn, device)
+            best = record["methods"].setdefault(label, {"seconds_all_rounds": []})
+            best["seconds_all_rounds"].append(seconds)
+            if "seconds" not in best or seconds < best["seconds"]:
+                best.update(seconds=seconds, peak_bytes=peak)
+            if config is not None:
+                outputs[label] = out
+            print(f"round {round_} {label}: {seconds:.2f} s, peak {peak}", flush=True)
+    a = outputs["dataset_order_reformed"]
+    worst = max(float(((a[k] - b[k]).abs() / (a[k].abs().max() + 1e-30)).max())
+                for b in outputs.values() for k in a if k.startswith("dot/"))
+    record["max_relative_difference_of_dots"] = worst
+    if worst > 1e-4:
+        raise AssertionError(f"the two methods disagree: max relative difference {worst:.2e}")
+    # precision of the float32 products against float64 products of the same formed gradients
+    few_k = capture_rows(model, train, 0, min(2, args.keys), sites, args.batch_size)
+    few_q = capture_rows(model, variants["paraphrased"], 0, 2, sites, args.batch_size)
+    errors = {}
+    for name in names:
+        ga, gb = few_k.gradients(name).flatten(1), few_q.gradients(name).flatten(1)
+        reference = ga.double() @ gb.double().T
+        errors[name] = float(((ga @ gb.T).double() - reference).abs().max() / reference.abs().max())
+        del ga, gb
+    worst_name = max(errors, key=errors.get)
+    record["float32_dot_relative_error"] = {"max": errors[worst_name], "max_weight": worst_name,
+                                            "median": float(torch.tensor(list(errors.values())).median())}
+    t = {m: r["seconds"] for m, r in record["methods"].items()}
+    record["speedup_length_order"] = t["dataset_order_reformed"] / t["length_order_reformed"]
+    record["speedup_formed_once"] = t["length_order_reformed"] / t["length_order_formed_once"]
+    record["speedup_both"] = t["dataset_order_reformed"] / t["length_order_formed_once"]
+    record["share_of_query_capture"] = t["capture_queries_only"] / t["length_order_formed_once"]
+    record["padded_tokens_per_real_token"] = {
+        "dataset_order": _padding(variants["paraphrased"], args.batch_size),
+        "length_order": _padding(by_length, args.batch_size)}
+    save(record, RESULTS / f"exact_gram_{device.type}.json")
+
+
+if __name__ == "__main__":
+    main()
