@@ -32,13 +32,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_gradients import load_model, save, timed  # a sibling script: run from benchmarks/ or by its path
 
-from imprint.data.text import encode_chat_examples, python_docs_examples, rule_paraphrase, split_examples
+from imprint.data.text import (
+    encode_chat_examples,
+    python_docs_examples,
+    rule_paraphrase,
+    split_examples,
+)
 from imprint.gradients.per_example import capture_rows, factor_sites, weight_matrix_names
 from imprint.gradients.pipeline import exact_rows
 from imprint.runtime import describe_device
-
-from bench_gradients import load_model, save, timed  # noqa: E402  (run as a script from benchmarks/)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,13 +12,17 @@ import argparse
 import time
 
 import torch
+from bench_gradients import load_model  # a sibling script: run from benchmarks/ or by its path
 from torch.profiler import ProfilerActivity, profile
 
 from imprint.data.text import encode_chat_examples, python_docs_examples, split_examples
-from imprint.gradients.per_example import (capture_rows, factor_gram, factor_sites, materialise_gradients,
-                                           weight_matrix_names)
-
-from bench_gradients import load_model  # noqa: E402  (run as a script from benchmarks/)
+from imprint.gradients.per_example import (
+    capture_rows,
+    factor_gram,
+    factor_sites,
+    materialise_gradients,
+    weight_matrix_names,
+)
 
 
 def main() -> None:
