@@ -32,7 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_gradients import load_model, save, timed  # a sibling script: run from benchmarks/ or by its path
+from bench_gradients import (  # a sibling script: run from benchmarks/ or by its path
+    load_model,
+    save,
+    timed,
+)
 
 from imprint.data.text import (
     encode_chat_examples,
