@@ -611,22 +611,15 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
             dot = torch.cat([_ghost_dots(a, b, name, slice(lo, lo + per_pair), slice(None), dtype).double()
                              for lo in range(0, a.n, per_pair)])
             norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double() for f in (a, b))
-        elif name in formed:
-            ga = formed[name]
-            norm_a = _sqnorms(ga, inp)
-            dot = torch.empty(a.n, b.n, dtype=torch.float64, device=ga.device)
-            norm_b = torch.empty(b.n, dtype=torch.float64, device=ga.device)
-            for lo_b in range(0, b.n, rows):
-                gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
-                norm_b[lo_b:lo_b + gb.shape[0]] = _sqnorms(gb, inp)
-                dot[:, lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double()
         else:
-            device = next(iter(a.output_grads.values())).device
+            # row chunks of a's gradients: the formed ones whole, the others formed chunk by chunk
+            chunks = ([(0, formed[name])] if name in formed else
+                      ((lo, a.gradients(name, slice(lo, lo + rows)).flatten(1)) for lo in range(0, a.n, rows)))
+            device = next(iter(b.output_grads.values())).device
             dot = torch.empty(a.n, b.n, dtype=torch.float64, device=device)
             norm_a = torch.empty(a.n, dtype=torch.float64, device=device)
             norm_b = torch.empty(b.n, dtype=torch.float64, device=device)
-            for lo in range(0, a.n, rows):
-                ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
+            for lo, ga in chunks:
                 norm_a[lo:lo + ga.shape[0]] = _sqnorms(ga, inp)
                 for lo_b in range(0, b.n, rows):
                     gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)

@@ -54,11 +54,11 @@ def keys_to_form(keys: Factors, max_elements: int, method: str, budget: int) -> 
     queries' lengths).
     """
     require_int("budget", budget, minimum=0)
+    if method == "ghost":
+        return []
     chosen, used = [], 0
     for name in keys.param_names:
         out, inp = keys.param_shape(name)
-        if method == "ghost":
-            break
         if method == "auto":
             costs = gram_costs(keys, keys, name, max_elements, a_formed=True)
             if costs["ghost"] < costs["materialise"]:
