@@ -68,6 +68,8 @@ def test_a_killed_run_resumes_and_reproduces_the_same_numbers(tmp_path):
     for a, b in zip(full, resumed):
         assert a.members == b.members and a.evaluation == b.evaluation and a.train_loss == b.train_loss
         assert torch.equal(a.samples, b.samples)
+        # the wall times of each stage come back from the checkpoint with the rest
+        assert set(b.seconds) == {"train", "sample", "evaluate"} and all(v >= 0 for v in b.seconds.values())
 
 
 def test_a_corrupted_generation_is_detected_and_recomputed(tmp_path):
@@ -108,7 +110,7 @@ def test_regimes_train_on_what_the_paper_prescribes(tmp_path, monkeypatch):
     seen = []
     real = train = sc.train_ddpm_ensemble
 
-    def spy(datasets, seeds, config, opts, device, init=None, vectorize=None):
+    def spy(datasets, seeds, config, opts, device, init=None, vectorize=None, cuda_graph=None):
         seen.append([d[0] for d in datasets])
         return real(datasets, seeds, config, opts, device, init=init, vectorize=vectorize)
 

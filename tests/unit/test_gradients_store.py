@@ -91,6 +91,26 @@ def test_later_runs_fill_only_the_missing_rows(tmp_path):
     assert torch.equal(store.load()["x"], torch.cat([torch.zeros(10), torch.ones(10)]))
 
 
+def test_compute_seconds_add_up_over_resumed_runs(tmp_path, monkeypatch):
+    """Each partition records how long its compute took; the store's total spans every run that filled it."""
+    import imprint.gradients.store as store_module
+
+    clock = iter(range(0, 1000, 1))
+    monkeypatch.setattr(store_module.time, "perf_counter", lambda: float(next(clock)) ** 2)
+    store = GradientStore(tmp_path / "s", 20, SPEC)
+    fill_partitions(store, 0, 10, 5, lambda s, e: {"x": torch.zeros(e - s)}, progress=False)  # 1 - 0, 9 - 4
+    fill_partitions(store, 0, 20, 10, lambda s, e: {"x": torch.zeros(e - s)}, progress=False)  # 25 - 16
+    assert store.seconds() == 1.0 + 5.0 + 9.0
+    untimed = GradientStore(tmp_path / "u", 4, SPEC)
+    untimed.write(0, 2, {"x": torch.zeros(2)}, seconds=0.5)
+    untimed.write(2, 4, {"x": torch.zeros(2)})
+    assert untimed.seconds() is None
+    with pytest.raises(ValueError, match="seconds"):
+        untimed.write(0, 1, {"x": torch.zeros(1)}, seconds=-1.0)
+    merged = merge_stores(tmp_path / "m", [tmp_path / "s"])
+    assert merged.seconds() == 15.0
+
+
 @pytest.mark.parametrize("start,end", [(-1, 5), (0, 21), (5, 5), (7, 3)])
 def test_partition_range_outside_the_dataset(tmp_path, start, end):
     store = GradientStore(tmp_path / "s", 20, SPEC)

@@ -147,8 +147,13 @@ def test_variants_fall_back_to_rules_and_are_cached(tmp_path, lm, monkeypatch):
         return outs
 
     monkeypatch.setattr(text, "generate_replies", echo_or_rewrite)
+    clock = iter(range(100))
+    monkeypatch.setattr(text.time, "perf_counter", lambda: float(next(clock)) ** 2)
     config = GenerationConfig(max_new_tokens=8, batch_size=2)
-    para = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path)
+    timings = {}
+    para = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path, timings=timings)
+    # one batch per kind (two examples, batch size 2): 1 - 0 and 9 - 4 seconds
+    assert timings == {"paraphrase": 6.0}
     assert para[0].instruction == rule_paraphrase(examples[0].instruction, instruction=True)
     assert "instruction: rule (fallback)" in para[0].source and "answer: model" in para[0].source
     assert para[1].answer.startswith("Rewritten: ") and para[1].instruction.endswith("?tes a si tahW")
@@ -158,12 +163,14 @@ def test_variants_fall_back_to_rules_and_are_cached(tmp_path, lm, monkeypatch):
         raise AssertionError("regenerated despite the cache")
 
     monkeypatch.setattr(text, "generate_replies", fail)
-    again = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path)
+    again = paraphrase_examples(examples, lm, method="model", config=config, cache_path=cache_path, timings=timings)
     assert again == para and len(echoed) == n_calls
+    assert timings == {"paraphrase": 6.0}  # the time of the run that generated them, read back from the cache
 
     monkeypatch.setattr(text, "generate_replies", lambda model, msgs, config, progress=False, reply_prefix="":
                         ["", "Sure."])
-    generated = model_generated_examples(para, lm, config=config, cache_path=cache_path)
+    generated = model_generated_examples(para, lm, config=config, cache_path=cache_path, timings=timings)
+    assert timings == {"paraphrase": 6.0, "answer": 25.0 - 16.0}
     assert generated[0].answer == para[0].answer and "empty reply" in generated[0].source
     assert generated[1].answer == "Sure." and generated[1].instruction == para[1].instruction
     lines = cache_path.read_text().strip().split("\n")
@@ -176,6 +183,10 @@ def test_cache_never_replaces_an_entry(tmp_path):
     cache.add([{"key": "k", "text": "second"}, {"key": "j", "text": "other"}])
     reopened = VariantCache(tmp_path / "c.jsonl")
     assert reopened.get("k")["text"] == "first" and reopened.get("j")["text"] == "other"
+    reopened.add([{"key": "r", "text": "x", "method": "rule"}, {"key": "m", "text": "y", "method": "model",
+                                                                "seconds": 0.25}])
+    assert reopened.seconds(["r", "m", "m"]) == 0.25  # rule-based entries are free; each key counts once
+    assert reopened.seconds(["m", "k"]) is None  # "k" was generated without a recorded time
     (tmp_path / "bad.jsonl").write_text('{"key": "a", "text": "x"}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         VariantCache(tmp_path / "bad.jsonl")

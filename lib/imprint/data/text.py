@@ -25,6 +25,7 @@ import inspect
 import json
 import re
 import textwrap
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -507,6 +508,20 @@ class VariantCache:
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
+    def seconds(self, keys: Sequence[str]) -> float | None:
+        """Generation seconds recorded for ``keys`` (shared equally within each generated batch), summed.
+
+        Rule-based entries cost nothing; ``None`` if a generated entry recorded no time.
+        """
+        total = 0.0
+        for key in dict.fromkeys(keys):
+            record = self.entries[key]
+            if "seconds" in record:
+                total += float(record["seconds"])
+            elif record.get("method") != "rule":
+                return None
+        return total
+
     def add(self, records: Sequence[dict]) -> None:
         fresh = [r for r in records if r["key"] not in self.entries]
         if not fresh:
@@ -522,8 +537,8 @@ def _accept(generated: str, original: str) -> bool:
 
 
 def _rewrite_all(lm, texts: Sequence[str], kinds: Sequence[str], method: str, config: GenerationConfig,
-                 cache: VariantCache, model_name: str, progress: bool) -> list[tuple[str, str]]:
-    """(text, method actually used) for each input, from the cache when present."""
+                 cache: VariantCache, model_name: str, progress: bool) -> tuple[list[tuple[str, str]], float | None]:
+    """(text, method actually used) for each input, from the cache when present; their generation seconds."""
     keys = [VariantCache.key(task="paraphrase", method=method, model=model_name if method == "model" else "",
                              prompt=PROMPT_VERSION, config=asdict(config) if method == "model" else {},
                              kind=kind, text=text) for text, kind in zip(texts, kinds)]
@@ -538,36 +553,42 @@ def _rewrite_all(lm, texts: Sequence[str], kinds: Sequence[str], method: str, co
                 part = mine[start:start + step]
                 kind_config = config if kind == "answer" else replace(
                     config, max_new_tokens=min(config.max_new_tokens, INSTRUCTION_MAX_NEW_TOKENS))
+                t0 = time.perf_counter()
                 replies = generate_replies(lm, [prompt.format(text=texts[i]) for i in part], kind_config,
                                            progress=progress, reply_prefix=prefix)
+                each = (time.perf_counter() - t0) / len(part)
                 batch = []
                 for i, reply in zip(part, replies):
                     rewrite = _clean_reply(kind, reply)
                     ok = _accept(rewrite, texts[i])
                     text = rewrite if ok else rule_paraphrase(texts[i], instruction=kind == "instruction")
                     batch.append({"key": keys[i], "text": text, "method": "model" if ok else "rule (fallback)",
-                                  "raw": reply})
+                                  "raw": reply, "seconds": each})
                 cache.add(batch)
     elif todo:
         cache.add([{"key": keys[i], "text": rule_paraphrase(texts[i], instruction=kinds[i] == "instruction"),
                     "method": "rule", "raw": ""} for i in todo])
-    return [(cache.get(k)["text"], cache.get(k)["method"]) for k in keys]
+    return [(cache.get(k)["text"], cache.get(k)["method"]) for k in keys], cache.seconds(keys)
 
 
 def paraphrase_examples(examples: Sequence[InstructionExample], lm=None, *, method: str = "model",
                         config: GenerationConfig = GenerationConfig(), cache_path: str | Path,
-                        progress: bool = False) -> list[InstructionExample]:
+                        progress: bool = False, timings: dict | None = None) -> list[InstructionExample]:
     """Each example with its instruction and its answer paraphrased; ``source`` records the method used.
 
     ``method="model"`` asks ``lm`` with :data:`PARAPHRASE_PROMPTS` (greedy); an output that is empty or
-    identical to its input after normalisation is replaced by :func:`rule_paraphrase`.
+    identical to its input after normalisation is replaced by :func:`rule_paraphrase`. ``timings``, when
+    given, receives ``"paraphrase"``: the generation seconds of these variants, in this run or in the runs
+    that cached them (:meth:`VariantCache.seconds`).
     """
     require_choice("paraphraser", method, ["model", "rule"])
     cache = VariantCache(cache_path)
     model_name = getattr(lm, "name", "")
     texts = [e.instruction for e in examples] + [e.answer for e in examples]
     kinds = ["instruction"] * len(examples) + ["answer"] * len(examples)
-    done = _rewrite_all(lm, texts, kinds, method, config, cache, model_name, progress)
+    done, seconds = _rewrite_all(lm, texts, kinds, method, config, cache, model_name, progress)
+    if timings is not None:
+        timings["paraphrase"] = seconds
     n = len(examples)
     out = []
     for i, example in enumerate(examples):
@@ -579,10 +600,11 @@ def paraphrase_examples(examples: Sequence[InstructionExample], lm=None, *, meth
 
 def model_generated_examples(paraphrased: Sequence[InstructionExample], lm, *,
                              config: GenerationConfig = GenerationConfig(), cache_path: str | Path,
-                             progress: bool = False) -> list[InstructionExample]:
+                             progress: bool = False, timings: dict | None = None) -> list[InstructionExample]:
     """Each paraphrased instruction with the model's own greedy answer to it.
 
-    An empty reply falls back to the paraphrased answer, and ``source`` says so.
+    An empty reply falls back to the paraphrased answer, and ``source`` says so. ``timings``, when given,
+    receives ``"answer"``: the generation seconds of these answers (see :func:`paraphrase_examples`).
     """
     cache = VariantCache(cache_path)
     keys = [VariantCache.key(task="answer", model=lm.name, prompt=PROMPT_VERSION, config=asdict(config),
@@ -591,8 +613,13 @@ def model_generated_examples(paraphrased: Sequence[InstructionExample], lm, *,
     step = config.batch_size
     for start in range(0, len(todo), step):
         part = todo[start:start + step]
+        t0 = time.perf_counter()
         replies = generate_replies(lm, [paraphrased[i].instruction for i in part], config, progress=progress)
-        cache.add([{"key": keys[i], "text": r, "method": "model", "raw": r} for i, r in zip(part, replies)])
+        each = (time.perf_counter() - t0) / len(part)
+        cache.add([{"key": keys[i], "text": r, "method": "model", "raw": r, "seconds": each}
+                   for i, r in zip(part, replies)])
+    if timings is not None:
+        timings["answer"] = cache.seconds(keys)
     out = []
     for example, key in zip(paraphrased, keys):
         reply = cache.get(key)["text"]

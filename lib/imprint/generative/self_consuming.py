@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -127,6 +128,7 @@ class GenerationRecord:
     labels: Int[Tensor, " n"]
     train_loss: list[float]
     evaluation: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # train, sample, evaluate (wall time)
 
     def member_index(self, chain_index: int, seed: int) -> int:
         return self.members.index((chain_index, seed))
@@ -180,13 +182,14 @@ def _check_folder(gens: Checkpointer, weights: Checkpointer, fingerprint: dict) 
 def _record_from_checkpoint(ckpt) -> GenerationRecord:
     meta = ckpt.meta
     return GenerationRecord(ckpt.unit, [tuple(m) for m in meta["members"]], ckpt.tensors["samples"],
-                            ckpt.tensors["labels"], list(meta["train_loss"]), list(meta["evaluation"]))
+                            ckpt.tensors["labels"], list(meta["train_loss"]), list(meta["evaluation"]),
+                            dict(meta.get("seconds", {})))
 
 
 def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[Tensor, " n"], config: DDPMConfig,
                             options: LoopOptions, folder: str | Path, device: str | torch.device = "cpu",
                             evaluate: Evaluate | None = None, vectorize: bool | None = None,
-                            progress: bool = True) -> list[GenerationRecord]:
+                            progress: bool = True, cuda_graph: bool | None = None) -> list[GenerationRecord]:
     """Run (or resume) every chain for every seed; returns one record per generation.
 
     ``pool_x`` are the real images available for training (in [-1, 1]), ``pool_labels`` their classes.
@@ -239,12 +242,13 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
     bar = tqdm(range(start, options.n_generations), desc="generations", disable=not progress)
     for g in bar:
         members = options.members(g)
+        t0 = time.perf_counter()
         if g == 0:
             datasets = [real_set(s, 0) for s in options.seeds]
             train_seeds = [derive_seed(s, 0, _TRAIN) for s in options.seeds]
             model_index = [seed_pos[s] for _, s in members]
             ens, losses = train_ddpm_ensemble(datasets, train_seeds, config, options.first_train, device,
-                                              vectorize=vectorize)
+                                              vectorize=vectorize, cuda_graph=cuda_graph)
         else:
             prev = records[g - 1]
             datasets = []
@@ -266,25 +270,29 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
             train_seeds = [derive_seed(s, g, _TRAIN) for _, s in members]
             model_index = list(range(len(members)))
             ens, losses = train_ddpm_ensemble(datasets, train_seeds, config, options.next_train, device, init=init,
-                                              vectorize=vectorize)
+                                              vectorize=vectorize, cuda_graph=cuda_graph)
+        t1 = time.perf_counter()  # the trainer returns its losses on the CPU: the GPU work is done
         # sample: members sharing a model and a guidance weight share the same samples (common noise)
         keys = [(model_index[i], options.chains[ci].guidance_weight, s) for i, (ci, s) in enumerate(members)]
         unique = list(dict.fromkeys(keys))
         drawn = sample_ddpm_ensemble(ens.select([k[0] for k in unique]), labels, [k[1] for k in unique],
                                      [derive_seed(k[2], g, _SAMPLE) for k in unique], options.n_sampling_steps)
         samples = drawn[torch.as_tensor([unique.index(k) for k in keys])].cpu()
+        t2 = time.perf_counter()
         evaluation = (evaluate(g, members, samples, labels, ens, model_index) if evaluate is not None
                       else [{} for _ in members])
         if len(evaluation) != len(members):
             raise ValueError(f"evaluate returned {len(evaluation)} entries for {len(members)} members")
+        seconds = {"train": t1 - t0, "sample": t2 - t1, "evaluate": time.perf_counter() - t2}
         final_loss = losses[:, -max(1, losses.shape[1] // 10):].mean(1)
         train_loss = [float(final_loss[i]) for i in model_index]
         meta = {"fingerprint": fingerprint, "members": [list(m) for m in members], "model_index": model_index}
         weights_ckpt.save(g, ens.state_tensors(), meta)
         gens_ckpt.save(g, {"samples": samples.float(), "labels": labels},
-                       {**meta, "train_loss": train_loss, "evaluation": json.loads(json.dumps(evaluation))})
+                       {**meta, "train_loss": train_loss, "evaluation": json.loads(json.dumps(evaluation)),
+                        "seconds": seconds})
         records.append(GenerationRecord(g, members, samples.float(), labels, train_loss,
-                                        json.loads(json.dumps(evaluation))))
+                                        json.loads(json.dumps(evaluation)), seconds))
         previous_weights, previous_index = ens, model_index
     return records
 

@@ -10,9 +10,11 @@ Partitions are independent: separate processes (Dask tasks, cluster jobs) can fi
 the same folder, or of separate folders that :func:`merge_stores` joins afterwards. A partition file is
 written to a temporary name and then hard-linked to its final name, which fails if the name exists:
 nothing stored is ever overwritten, and a reader sees a partition whole or not at all. Each file records
-the sha256 of its tensors, checked on load. :func:`fill_partitions` computes the rows of a range that
-no stored partition covers, so a killed run resumes at the first unfinished partition, and because a
-partition's numbers depend only on its rows, the resumed store holds identical numbers.
+the sha256 of its tensors, checked on load, and the seconds spent computing it, so that
+:meth:`GradientStore.seconds` gives the compute time of a store filled over several runs.
+:func:`fill_partitions` computes the rows of a range that no stored partition covers, so a killed run
+resumes at the first unfinished partition, and because a partition's numbers depend only on its rows,
+the resumed store holds identical numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -124,9 +127,14 @@ class GradientStore:
     def _is_shared(self, key: str) -> bool:
         return key.startswith(self.shared_prefixes) if self.shared_prefixes else False
 
-    def write(self, start: int, end: int, tensors: Mapping[str, torch.Tensor]) -> Path:
-        """Store partition ``[start, end)``; refuses overlaps with stored partitions and never overwrites."""
+    def write(self, start: int, end: int, tensors: Mapping[str, torch.Tensor], seconds: float | None = None) -> Path:
+        """Store partition ``[start, end)``; refuses overlaps with stored partitions and never overwrites.
+
+        ``seconds``: the time spent computing it, recorded in the file (see :meth:`seconds`).
+        """
         check_range(start, end, self.n_rows)
+        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds >= 0):
+            raise ValueError(f"seconds={seconds!r}: expected a non-negative number or None")
         if not tensors:
             raise ValueError("tensors is empty: a partition needs at least one tensor")
         for key, value in tensors.items():
@@ -139,6 +147,8 @@ class GradientStore:
                                       f"in {str(self.root)!r}; stored partitions are never overwritten")
         data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         meta = {"start": str(start), "end": str(end), "sha256": _digest(data)}
+        if seconds is not None:
+            meta["seconds"] = repr(float(seconds))
         final = self._path(start, end)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.root)
         os.close(fd)
@@ -163,6 +173,17 @@ class GradientStore:
             raise ValueError(f"{path}: contents do not match the recorded sha256 (corrupted file); "
                              "delete it to recompute the partition")
         return tensors
+
+    def seconds(self) -> float | None:
+        """Compute seconds summed over the stored partitions; ``None`` if one of them did not record its time."""
+        total = 0.0
+        for s, e in self.partitions():
+            with safe_open(str(self._path(s, e)), framework="pt") as fh:
+                recorded = (fh.metadata() or {}).get("seconds")
+            if recorded is None:
+                return None
+            total += float(recorded)
+        return total
 
     def coverage(self) -> list[tuple[int, int]]:
         """The ranges of rows not stored yet."""
@@ -226,7 +247,7 @@ def fill_partitions(store: GradientStore, start: int, end: int, partition_size: 
     Each uncovered stretch is cut into partitions of ``partition_size`` rows from its first row. A run
     killed after some partitions therefore resumes at the first unfinished one with the partitions it
     would have computed anyway, and runs over different ranges (or with different sizes) only ever add
-    the rows still missing.
+    the rows still missing. Each partition records the seconds its ``compute`` took.
     """
     check_range(start, end, store.n_rows)
     require_int("partition_size", partition_size, minimum=1)
@@ -236,7 +257,9 @@ def fill_partitions(store: GradientStore, start: int, end: int, partition_size: 
         if lo < hi:
             todo += plan_partitions(lo, hi, partition_size, store.n_rows)
     for s, e in tqdm(todo, desc=desc, disable=not progress):
-        store.write(s, e, compute(s, e))
+        t0 = time.perf_counter()
+        tensors = compute(s, e)
+        store.write(s, e, tensors, seconds=time.perf_counter() - t0)
     return todo
 
 

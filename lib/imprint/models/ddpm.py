@@ -403,16 +403,30 @@ def _check_training_sets(datasets, config: DDPMConfig) -> None:
             raise ValueError(f"datasets[{i}] has labels outside [0, {config.n_classes - 1}]")
 
 
+def _use_cuda_graph(cuda_graph: bool | None, device: torch.device, vectorized: bool) -> bool:
+    if cuda_graph is None:
+        return device.type == "cuda" and vectorized
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device (device is {device})")
+    return bool(cuda_graph)
+
+
 def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int], config: DDPMConfig,
                         options: DDPMTrainOptions, device: str | torch.device = "cpu",
-                        init: DDPMEnsemble | None = None, vectorize: bool | None = None
-                        ) -> tuple[DDPMEnsemble, Float[Tensor, "m n_steps"]]:
+                        init: DDPMEnsemble | None = None, vectorize: bool | None = None,
+                        cuda_graph: bool | None = None) -> tuple[DDPMEnsemble, Float[Tensor, "m n_steps"]]:
     """Train one denoiser per ``(datasets[m], seeds[m])``; returns the ensemble and per-step losses.
 
     Images are ``[n, c, h, w]`` in [-1, 1], labels in ``[0, n_classes)``. ``init`` warm-starts from given
     weights; otherwise member m starts from diffusers' initialisation under ``seeds[m]``. The loss summed
     over members has per-member gradients, and Adam is elementwise, so the stacked optimiser is exactly
     ``M`` independent Adam runs.
+
+    ``cuda_graph`` (default: on a CUDA device when the members are vmapped) records the forward pass, the
+    backward pass and the Adam update of one step as a CUDA graph after three ordinary steps, and replays it
+    for the rest: the same computation without the per-kernel launch cost that dominates a network this
+    small. Each step's batch is still drawn outside the graph, from the members' own generators, into the
+    graph's input buffers, so both paths see the same batches.
     """
     if len(datasets) != len(seeds) or len(seeds) < 1:
         raise ValueError(f"datasets has {len(datasets)} entries and seeds {len(seeds)}: expected the same "
@@ -426,33 +440,70 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
     ens = DDPMEnsemble(config, {k: v.detach().clone().float().requires_grad_(True) for k, v in ens.params.items()},
                        {k: v.detach().clone() for k, v in ens.buffers.items()},
                        vectorize if vectorize is not None else ens.vectorize)
+    graphed = _use_cuda_graph(cuda_graph, device, ens._use_vmap())
     leaves = list(ens.params.values())
-    opt_kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.Adam(leaves, lr=options.lr, **opt_kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / options.n_steps)
+    if graphed:  # a device-side learning rate and step count, updated in place, so the graph can replay them
+        lr = torch.tensor(options.lr, dtype=torch.float32, device=device)
+        opt = torch.optim.Adam(leaves, lr=lr, fused=True, capturable=True)
+    else:
+        lr = None
+        opt = torch.optim.Adam(leaves, lr=options.lr, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     abar = alphas_cumprod(config).to(device=device, dtype=torch.float32)
     gens = member_generators([derive_seed(s, 1) for s in seeds], device)
     data = [(x.to(device, torch.float32), lab.to(device)) for x, lab in datasets]
     losses = torch.zeros(len(seeds), options.n_steps, device=device)  # read back once, at the end
+    m, b = len(seeds), options.batch_size
+    batch = {"x0": torch.empty(m, b, *config.image_shape, device=device),
+             "noise": torch.empty(m, b, *config.image_shape, device=device),
+             "t": torch.empty(m, b, dtype=torch.long, device=device),
+             "labels": torch.empty(m, b, dtype=torch.long, device=device)}
+
+    def draw(step: int) -> None:
+        """Member batches of ``step`` into ``batch``, and the step's learning rate (linear decay to zero)."""
+        drawn = [draw_training_batch(x, lab, b, config, options.label_dropout, g) for (x, lab), g in zip(data, gens)]
+        for key in batch:
+            torch.stack([getattr(d, key) for d in drawn], out=batch[key])
+        rate = options.lr * (1.0 - step / options.n_steps)
+        if lr is not None:
+            lr.fill_(rate)
+        else:
+            for group in opt.param_groups:
+                group["lr"] = rate
+
+    def forward_backward_update() -> Tensor:
+        x_t = diffuse(batch["x0"], batch["noise"], batch["t"], abar)
+        with _precision(options.precision, device):
+            eps = ens.epsilon(x_t, batch["t"], batch["labels"])
+        per_member = (eps.float() - batch["noise"]).pow(2).flatten(1).mean(1)
+        per_member.sum().backward()
+        opt.step()
+        return per_member.detach()
+
     steps = range(options.n_steps)
     if options.progress:
         steps = tqdm(steps, desc=f"train {len(seeds)} DDPM", leave=False)
+    n_eager = min(3, options.n_steps) if graphed else options.n_steps
+    graph, graph_loss = None, None
+    side = torch.cuda.Stream(device) if graphed else None
     for step in steps:
-        batches = [draw_training_batch(x, lab, options.batch_size, config, options.label_dropout, g)
-                   for (x, lab), g in zip(data, gens)]
-        x0 = torch.stack([b.x0 for b in batches])
-        noise = torch.stack([b.noise for b in batches])
-        t = torch.stack([b.t for b in batches])
-        labels = torch.stack([b.labels for b in batches])
-        x_t = diffuse(x0, noise, t, abar)
-        with _precision(options.precision, device):
-            eps = ens.epsilon(x_t, t, labels)
-        per_member = (eps.float() - noise).pow(2).flatten(1).mean(1)
-        opt.zero_grad(set_to_none=True)
-        per_member.sum().backward()
-        opt.step()
-        sched.step()
-        losses[:, step] = per_member.detach()
+        draw(step)
+        if step < n_eager:
+            # the first steps also warm up the kernels and the optimiser state before a graph is recorded
+            with torch.cuda.stream(side) if graphed else contextlib.nullcontext():
+                if graphed:
+                    side.wait_stream(torch.cuda.current_stream(device))
+                opt.zero_grad(set_to_none=True)
+                losses[:, step] = forward_backward_update()
+            if graphed:
+                torch.cuda.current_stream(device).wait_stream(side)
+            continue
+        if graph is None:
+            opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graph_loss = forward_backward_update()
+        graph.replay()
+        losses[:, step] = graph_loss
     trained = DDPMEnsemble(config, {k: v.detach() for k, v in ens.params.items()}, ens.buffers, ens.vectorize)
     return trained, losses.cpu()
 
