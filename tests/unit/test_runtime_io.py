@@ -81,3 +81,14 @@ def test_git_state_falls_back_to_the_environment_outside_a_checkout(tmp_path, mo
     monkeypatch.setenv("IMPRINT_GIT_DIRTY", "1")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert git_state(tmp_path) == {"sha": "abc123", "dirty": True}
+
+
+def test_git_state_prefers_the_environment_over_a_stale_checkout(monkeypatch):
+    """A copy shipped to a GPU node can carry a .git whose HEAD is not the commit of its files."""
+    from imprint.runtime.provenance import git_state, repo_root
+
+    monkeypatch.setenv("IMPRINT_GIT_SHA", "f" * 40)
+    monkeypatch.delenv("IMPRINT_GIT_DIRTY", raising=False)
+    assert git_state(repo_root()) == {"sha": "f" * 40, "dirty": False}
+    monkeypatch.delenv("IMPRINT_GIT_SHA")
+    assert git_state(repo_root())["sha"] != "f" * 40

@@ -27,10 +27,15 @@ def repo_root() -> Path:
 
 
 def git_state(root: Path | None = None) -> dict:
-    """SHA and dirty flag. Where git cannot tell (a copy of the tree shipped to a GPU node without its
-    .git), the values of ``IMPRINT_GIT_SHA`` / ``IMPRINT_GIT_DIRTY`` set by whoever made the copy."""
+    """SHA and dirty flag, from git; or the values of ``IMPRINT_GIT_SHA`` / ``IMPRINT_GIT_DIRTY`` when set.
+
+    The variables are for copies of the tree shipped to a GPU node: whoever made the copy knows the commit,
+    while the copy may have no .git or one whose HEAD is not the commit whose files it holds, so they win.
+    """
     import os
 
+    if os.environ.get("IMPRINT_GIT_SHA"):
+        return {"sha": os.environ["IMPRINT_GIT_SHA"], "dirty": os.environ.get("IMPRINT_GIT_DIRTY", "0") == "1"}
     root = root or repo_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -39,8 +44,6 @@ def git_state(root: Path | None = None) -> dict:
                                     capture_output=True, text=True, check=True, timeout=10).stdout.strip())
         return {"sha": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
-        if os.environ.get("IMPRINT_GIT_SHA"):
-            return {"sha": os.environ["IMPRINT_GIT_SHA"], "dirty": os.environ.get("IMPRINT_GIT_DIRTY", "0") == "1"}
         return {"sha": None, "dirty": None}
 
 
