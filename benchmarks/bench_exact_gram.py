@@ -17,12 +17,16 @@ float64 products of the same gradients is recorded per weight matrix (largest an
 the largest dot). Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` above the model. With
 ``--random-init`` the model is built from the ``config.json`` of ``--model`` with random weights (only the
 shapes matter for speed); the texts are the chapter's Python-documentation pairs and their rule-based
-paraphrases.
+paraphrases. ``--projection-dims`` also projects both sides at those dimensions, and ``--settings`` compares
+the keys with that many copies of the variant set, as the notebook's full profile does (four dimensions,
+two settings).
 
 Writes ``benchmarks/results/exact_gram_<device>.json``.
 
     python benchmarks/bench_exact_gram.py --device cpu --model smollm2 --keys 4 --queries 16 --query-block 4
     python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 16
+    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 32 \
+        --projection-dims 16 64 256 1024 --settings 2
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from imprint.data.text import (
     rule_paraphrase,
     split_examples,
 )
-from imprint.gradients.per_example import capture_rows, factor_sites, weight_matrix_names
+from imprint.gradients.per_example import GradientProjection, capture_rows, factor_sites, weight_matrix_names
 from imprint.gradients.pipeline import exact_rows
 from imprint.runtime import describe_device
 
@@ -71,6 +75,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-elements", type=int, default=1 << 29)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--projection-dims", type=int, nargs="*", default=[],
+                        help="also project both sides at these dimensions, as the notebook does (e.g. 16 64 256 1024)")
+    parser.add_argument("--settings", type=int, default=1,
+                        help="variant sets compared with the keys (the notebook's full profile has two)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -80,11 +88,14 @@ def main() -> None:
                      "per training example)")
     examples = split_examples(python_docs_examples())[0][:args.queries]
     train = encode_chat_examples(tokenizer, examples, args.max_length)
-    variants = {"paraphrased": encode_chat_examples(
+    paraphrased = encode_chat_examples(
         tokenizer, [replace(e, instruction=rule_paraphrase(e.instruction, instruction=True),
-                            answer=rule_paraphrase(e.answer)) for e in examples], args.max_length)}
+                            answer=rule_paraphrase(e.answer)) for e in examples], args.max_length)
+    variants = {"paraphrased": paraphrased, **{f"copy{i}": paraphrased for i in range(1, args.settings)}}
     sites = factor_sites(model)
     names = weight_matrix_names(model)
+    projection = (GradientProjection(model, args.projection_dims, args.seed, "rademacher", names, device)
+                  if args.projection_dims else None)
     shapes = dict(model.named_parameters())
     every_key = args.keys * sum(shapes[n].numel() for n in names)
     configs = {"dataset_order_reformed": (0, False), "length_order_reformed": (0, True),
@@ -92,7 +103,7 @@ def main() -> None:
     by_length = variants["paraphrased"].take(torch.argsort(variants["paraphrased"].lengths, stable=True))
 
     def run(key_elements: int, length_order: bool):
-        return exact_rows(model, train, variants, 0, args.keys, sites, args.batch_size,
+        return exact_rows(model, train, variants, 0, args.keys, sites, args.batch_size, projection,
                           max_elements=args.max_elements, method="materialise", query_block=args.query_block,
                           key_elements=key_elements, length_order=length_order)
 
@@ -103,6 +114,7 @@ def main() -> None:
     record = {"device": describe_device(device), "model": model_name, "keys": args.keys, "queries": args.queries,
               "query_block": args.query_block, "batch_size": args.batch_size, "max_length": args.max_length,
               "max_elements": args.max_elements, "weight_matrices": len(names),
+              "projection_dims": args.projection_dims, "settings": args.settings,
               "weight_parameters": sum(shapes[n].numel() for n in names),
               "mean_tokens_keys": float(train.lengths[:args.keys].double().mean()),
               "mean_tokens_queries": float(variants["paraphrased"].lengths.double().mean()), "methods": {}}

@@ -8,10 +8,11 @@ Two passes, each a function of a partition ``[start, end)`` of the training exam
   example.
 * :func:`exact_rows`: the exact inner products between the partition's training examples and every
   variant of every setting, with the squared norms of both. The partition's layer inputs and output
-  gradients stay in memory while the variants stream through in batches; the projections of both
-  sides come from the same backward passes. Each partition keeps the projections of the variants with
-  the same row indices as its training examples (there is one variant per example), and the variants'
-  squared norms as *shared* tensors, the same in every partition (checked when the store is loaded).
+  gradients stay in memory while the variants stream through in batches; the training examples'
+  projections come from the same backward pass as their factors. Each partition keeps the projections of
+  the variants with the same row indices as its training examples (there is one variant per example;
+  projected in a pass of their own), and the variants' squared norms as *shared* tensors, the same in
+  every partition (checked when the store is loaded).
 
 :func:`exact_gram` and :func:`projected_gram` turn loaded tensors into :class:`~imprint.gradients.
 similarity.Gram` objects with the variants as queries and the training examples as keys.
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from imprint.data.text import ChatEncoding
 from imprint.gradients.per_example import (Factors, GradientProjection, Site, capture_rows, factor_gram, gram_costs,
-                                           materialise_gradients)
+                                           materialise_gradients, projected_features)
 from imprint.gradients.similarity import Gram
 from imprint.runtime.checks import require_choice, require_int
 
@@ -37,8 +38,6 @@ EXACT_SHARED = ("query_sqnorm/",)
 def projected_rows(model: nn.Module, encoding: ChatEncoding, start: int, end: int, projection: GradientProjection,
                    batch_size: int) -> dict[str, Tensor]:
     """``{"k{k}/{weight}": (end - start, k)}``: projected gradients of examples ``start:end``."""
-    from imprint.gradients.per_example import projected_features
-
     return projected_features(model, encoding, start, end, projection, batch_size)
 
 
@@ -118,7 +117,6 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
         by_length = encoding.take(order)
         dots: dict[str, list[Tensor]] = defaultdict(list)
         query_norms: dict[str, list[Tensor]] = defaultdict(list)
-        query_features: dict[str, Tensor] = {}
         for lo in range(0, len(encoding), block):
             queries = capture_rows(model, by_length, lo, min(lo + block, len(encoding)), sites, batch_size)
             dot, sq_keys, sq_queries = factor_gram(keys, queries, max_elements, method, formed)
@@ -126,20 +124,17 @@ def exact_rows(model: nn.Module, train: ChatEncoding, variants: Mapping[str, Cha
                 dots[name].append(dot[name])
                 query_norms[name].append(sq_queries[name])
                 key_norms.setdefault(name, sq_keys[name])
-            index = order[lo:lo + queries.n]
-            mine = torch.nonzero((index >= start) & (index < end)).flatten()
-            if projection is not None and len(mine):
-                for key, value in _flatten_projected(f"query/{setting}/",
-                                                     projection.project(queries.take(mine))).items():
-                    if key not in query_features:
-                        query_features[key] = value.new_zeros((end - start, value.shape[1]))
-                    query_features[key][index[mine] - start] = value
             del queries
         inverse = torch.argsort(order)
         for name in dots:
             tensors[f"dot/{setting}/{name}"] = torch.cat(dots[name], dim=1)[:, inverse]
             tensors[f"query_sqnorm/{setting}/{name}"] = torch.cat(query_norms[name])[inverse]
-        tensors.update(query_features)
+        if projection is not None:
+            # The partition's own variants, projected in one pass of their own: in length order they are
+            # scattered over nearly every block, and projecting a row or two per block costs more than
+            # capturing them again.
+            tensors.update({f"query/{setting}/{key}": value for key, value in
+                            projected_features(model, encoding, start, end, projection, batch_size).items()})
     tensors.update({f"sqnorm/{name}": value for name, value in key_norms.items()})
     return tensors
 
