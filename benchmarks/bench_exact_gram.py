@@ -19,14 +19,20 @@ the largest dot). Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` abo
 shapes matter for speed); the texts are the chapter's Python-documentation pairs and their rule-based
 paraphrases. ``--projection-dims`` also projects both sides at those dimensions, and ``--settings`` compares
 the keys with that many copies of the variant set, as the notebook's full profile does (four dimensions,
-two settings).
+two settings). ``--methods`` runs a subset of the configurations. ``--determinism nofill`` seeds and
+configures torch as the notebooks do (:func:`imprint.runtime.seed_everything`: deterministic algorithms
+and a fixed cuBLAS workspace); ``fill`` also fills every new tensor, torch's default in that mode. ``--profile`` records the operators that took the most device and host time
+in one more run of the first configuration (``torch.profiler``).
 
-Writes ``benchmarks/results/exact_gram_<device>.json``.
+Writes ``benchmarks/results/exact_gram_<device>.json`` unless ``--out`` names another file.
 
     python benchmarks/bench_exact_gram.py --device cpu --model smollm2 --keys 4 --queries 16 --query-block 4
     python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 16
     python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 32 \
         --projection-dims 16 64 256 1024 --settings 2
+    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 32 \
+        --projection-dims 16 64 256 1024 --settings 2 --methods length_order_formed_once \
+        --profile --rounds 1 --determinism nofill --out /tmp/exact_gram_notebook_config.json
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ from imprint.data.text import (
 )
 from imprint.gradients.per_example import GradientProjection, capture_rows, factor_sites, weight_matrix_names
 from imprint.gradients.pipeline import exact_rows
-from imprint.runtime import describe_device
+from imprint.runtime import describe_device, seed_everything
 
 RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["dataset_order_reformed", "length_order_reformed", "length_order_formed_once", "capture_queries_only"]
 
 
 def _padding(encoding, batch_size: int) -> float:
@@ -61,6 +68,29 @@ def _padding(encoding, batch_size: int) -> float:
     padded = sum(int(lengths[lo:lo + batch_size].max()) * len(lengths[lo:lo + batch_size])
                  for lo in range(0, len(lengths), batch_size))
     return padded / int(lengths.sum())
+
+
+def profile_ops(fn, device: torch.device, top: int = 15) -> dict:
+    """The operators of one call of ``fn`` that took the most self time on the device and on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+
+    def table(attribute: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:top]
+        return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attribute) / 1e3} for e in ranked]
+
+    out = {"host_self_ms_total": sum(e.self_cpu_time_total for e in events) / 1e3,
+           "top_host": table("self_cpu_time_total")}
+    if device.type == "cuda":
+        out["device_self_ms_total"] = sum(e.self_device_time_total for e in events) / 1e3
+        out["top_device"] = table("self_device_time_total")
+    return out
 
 
 def main() -> None:
@@ -80,8 +110,18 @@ def main() -> None:
     parser.add_argument("--settings", type=int, default=1,
                         help="variant sets compared with the keys (the notebook's full profile has two)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="the configurations to time (default: all)")
+    parser.add_argument("--determinism", choices=["off", "nofill", "fill"], default="off",
+                        help="torch's deterministic mode as the notebooks set it (nofill), with torch's default "
+                             "fill of new tensors (fill), or untouched (off)")
+    parser.add_argument("--profile", action="store_true", help="profile one more run of the first configuration")
+    parser.add_argument("--out", type=Path, default=None, help="the result file (default: results/)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.determinism != "off":
+        seed_everything(args.seed)  # before the first cuBLAS call, which reads CUBLAS_WORKSPACE_CONFIG
+        torch.utils.deterministic.fill_uninitialized_memory = args.determinism == "fill"
     model, tokenizer, model_name = load_model(args.model, device, args.random_init, args.seed)
     if not 1 <= args.keys <= args.queries:
         parser.error(f"--keys {args.keys} --queries {args.queries}: expected 1 <= keys <= queries (one variant "
@@ -99,7 +139,8 @@ def main() -> None:
     shapes = dict(model.named_parameters())
     every_key = args.keys * sum(shapes[n].numel() for n in names)
     configs = {"dataset_order_reformed": (0, False), "length_order_reformed": (0, True),
-               "length_order_formed_once": (every_key, True)}
+               "length_order_formed_once": (every_key, True), "capture_queries_only": None}
+    configs = {m: configs[m] for m in args.methods}
     by_length = variants["paraphrased"].take(torch.argsort(variants["paraphrased"].lengths, stable=True))
 
     def run(key_elements: int, length_order: bool):
@@ -115,6 +156,7 @@ def main() -> None:
               "query_block": args.query_block, "batch_size": args.batch_size, "max_length": args.max_length,
               "max_elements": args.max_elements, "weight_matrices": len(names),
               "projection_dims": args.projection_dims, "settings": args.settings,
+              "determinism": args.determinism, "torch": torch.__version__,
               "weight_parameters": sum(shapes[n].numel() for n in names),
               "mean_tokens_keys": float(train.lengths[:args.keys].double().mean()),
               "mean_tokens_queries": float(variants["paraphrased"].lengths.double().mean()), "methods": {}}
@@ -123,7 +165,7 @@ def main() -> None:
                max_elements=args.max_elements, method="materialise")
     outputs = {}
     for round_ in range(args.rounds):
-        for label, config in [*configs.items(), ("capture_queries_only", None)]:
+        for label, config in configs.items():
             fn = capture_only if config is None else (lambda c=config: run(*c))
             seconds, peak, out = timed(fn, device)
             best = record["methods"].setdefault(label, {"seconds_all_rounds": []})
@@ -133,12 +175,17 @@ def main() -> None:
             if config is not None:
                 outputs[label] = out
             print(f"round {round_} {label}: {seconds:.2f} s, peak {peak}", flush=True)
-    a = outputs["dataset_order_reformed"]
-    worst = max(float(((a[k] - b[k]).abs() / (a[k].abs().max() + 1e-30)).max())
-                for b in outputs.values() for k in a if k.startswith("dot/"))
-    record["max_relative_difference_of_dots"] = worst
-    if worst > 1e-4:
-        raise AssertionError(f"the two methods disagree: max relative difference {worst:.2e}")
+    if len(outputs) > 1:
+        a = next(iter(outputs.values()))
+        worst = max(float(((a[k] - b[k]).abs() / (a[k].abs().max() + 1e-30)).max())
+                    for b in outputs.values() for k in a if k.startswith("dot/"))
+        record["max_relative_difference_of_dots"] = worst
+        if worst > 1e-4:
+            raise AssertionError(f"the configurations disagree: max relative difference {worst:.2e}")
+    if args.profile:
+        label, config = next(iter(configs.items()))
+        record["profile"] = {"method": label, **profile_ops(capture_only if config is None else
+                                                             (lambda: run(*config)), device)}
     # precision of the float32 products against float64 products of the same formed gradients
     few_k = capture_rows(model, train, 0, min(2, args.keys), sites, args.batch_size)
     few_q = capture_rows(model, variants["paraphrased"], 0, 2, sites, args.batch_size)
@@ -152,14 +199,16 @@ def main() -> None:
     record["float32_dot_relative_error"] = {"max": errors[worst_name], "max_weight": worst_name,
                                             "median": float(torch.tensor(list(errors.values())).median())}
     t = {m: r["seconds"] for m, r in record["methods"].items()}
-    record["speedup_length_order"] = t["dataset_order_reformed"] / t["length_order_reformed"]
-    record["speedup_formed_once"] = t["length_order_reformed"] / t["length_order_formed_once"]
-    record["speedup_both"] = t["dataset_order_reformed"] / t["length_order_formed_once"]
-    record["share_of_query_capture"] = t["capture_queries_only"] / t["length_order_formed_once"]
+    for name, (num, den) in {"speedup_length_order": ("dataset_order_reformed", "length_order_reformed"),
+                             "speedup_formed_once": ("length_order_reformed", "length_order_formed_once"),
+                             "speedup_both": ("dataset_order_reformed", "length_order_formed_once"),
+                             "share_of_query_capture": ("capture_queries_only", "length_order_formed_once")}.items():
+        if num in t and den in t:
+            record[name] = t[num] / t[den]
     record["padded_tokens_per_real_token"] = {
         "dataset_order": _padding(variants["paraphrased"], args.batch_size),
         "length_order": _padding(by_length, args.batch_size)}
-    save(record, RESULTS / f"exact_gram_{device.type}.json")
+    save(record, args.out or RESULTS / f"exact_gram_{device.type}.json")
 
 
 if __name__ == "__main__":

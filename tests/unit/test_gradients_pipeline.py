@@ -112,6 +112,30 @@ def test_keys_formed_once_give_the_same_numbers(setup, method):
         exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, key_elements=-1)
 
 
+@pytest.mark.parametrize("method", ["materialise", "ghost"])
+def test_exact_rows_never_read_memory_they_did_not_write(setup, method):
+    """With every new tensor filled with NaN, the numbers are finite and the same as without the fill."""
+    lm, train, variants, names, flat = setup
+    sites = factor_sites(lm.model)
+    projection = GradientProjection(lm.model, [4], seed=1)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    runs = []
+    try:
+        for fill in (True, False):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            runs.append(exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, projection=projection,
+                                   method=method, query_block=2, key_elements=10 ** 9 if method != "ghost" else 0))
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+    filled, plain = runs
+    assert set(filled) == set(plain)
+    for key in filled:
+        assert torch.isfinite(filled[key]).all(), key
+        torch.testing.assert_close(filled[key], plain[key], rtol=0, atol=0)
+
+
 def test_keys_to_form_stays_within_its_budget(setup):
     lm, train, variants, names, flat = setup
     keys = capture_rows(lm.model, train, 0, 3, factor_sites(lm.model), batch_size=3)

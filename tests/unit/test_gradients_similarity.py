@@ -105,3 +105,16 @@ def test_separation_auc_with_ties_against_sklearn():
     assert separation_auc(own, other) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="non-empty"):
         separation_auc(own, torch.zeros(0))
+
+
+@pytest.mark.parametrize("n_own, n_other", [(40, 300), (300, 40), (1, 1), (7, 7)])
+def test_separation_auc_is_the_pair_count_whichever_side_is_larger(n_own, n_other):
+    rng = np.random.default_rng(n_own * 1000 + n_other)
+    own = torch.tensor(rng.integers(0, 6, size=n_own).astype(float))
+    other = torch.tensor(rng.integers(0, 6, size=n_other).astype(float))
+    o, t = own.numpy()[:, None], other.numpy()[None, :]
+    brute = float(((o > t) + 0.5 * (o == t)).mean())  # every pair, ties counted one half
+    assert separation_auc(own, other) == brute
+    continuous = torch.tensor(rng.normal(size=n_other))
+    assert separation_auc(continuous[:1], continuous) == pytest.approx(
+        float((continuous[0] > continuous).double().mean() + 0.5 / n_other), abs=1e-15)

@@ -72,6 +72,8 @@ def test_seed_everything_is_reproducible_and_checks_its_argument():
     torch.testing.assert_close(torch.rand(3), a)
     with pytest.raises(ValueError, match="seed=-1"):
         seed_everything(-1)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory  # determinism without the fill's kernels
 
 
 def test_git_state_falls_back_to_the_environment_outside_a_checkout(tmp_path, monkeypatch):
