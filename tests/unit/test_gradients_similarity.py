@@ -118,3 +118,12 @@ def test_separation_auc_is_the_pair_count_whichever_side_is_larger(n_own, n_othe
     continuous = torch.tensor(rng.normal(size=n_other))
     assert separation_auc(continuous[:1], continuous) == pytest.approx(
         float((continuous[0] > continuous).double().mean() + 0.5 / n_other), abs=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_on_the_gpu_give_the_cpu_numbers():
+    scores = torch.randn(50, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    on_gpu = scores.cuda()
+    assert retrieval_metrics(on_gpu) == retrieval_metrics(scores)
+    own, other = own_and_other(on_gpu)
+    assert own.is_cuda and separation_auc(own, other) == separation_auc(*own_and_other(scores))

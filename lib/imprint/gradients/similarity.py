@@ -96,7 +96,7 @@ def retrieval_ranks(scores: Float[Tensor, "n_q n_k"], targets: Int[Tensor, " n_q
         raise ValueError(f"targets must lie in [0, {scores.shape[1]})")
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN")
-    own = scores.gather(1, targets[:, None])
+    own = scores.gather(1, targets.to(scores.device)[:, None])
     return (scores >= own).sum(1)
 
 
@@ -113,7 +113,7 @@ def retrieval_metrics(scores: Float[Tensor, "n_q n_k"], targets: Int[Tensor, " n
                       ks: Sequence[int] = (1, 10)) -> dict[str, float]:
     """``{"recall@k": ..., "mrr": ...}``; ``targets`` defaults to ``arange(n_q)`` (query i is key i's variant)."""
     if targets is None:
-        targets = torch.arange(scores.shape[0])
+        targets = torch.arange(scores.shape[0], device=scores.device)
     ranks = retrieval_ranks(scores, targets)
     out = {f"recall@{k}": recall_at_k(ranks, k) for k in ks}
     out["mrr"] = mean_reciprocal_rank(ranks)
@@ -124,7 +124,7 @@ def own_and_other(scores: Float[Tensor, "n n"]) -> tuple[Float[Tensor, " n"], Fl
     """Diagonal (each example against its own variant) and off-diagonal entries of a square score matrix."""
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"scores has shape {tuple(scores.shape)}: expected a square matrix")
-    mask = torch.eye(scores.shape[0], dtype=torch.bool)
+    mask = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     return scores[mask], scores[~mask]
 
 
