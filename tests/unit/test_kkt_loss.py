@@ -8,7 +8,7 @@ import torch
 from imprint.models.mlp import MLP
 from imprint.reconstruction.kkt import (ModifiedReLU, box_prior, candidate_labels, check_weights,
                                         extraction_model, kkt_stationarity_loss, lambda_prior, model_weights,
-                                        modified_relu, reference_kkt_residuals, surrogate_forward)
+                                        modified_relu, reference_kkt_residuals)
 
 
 

@@ -17,7 +17,7 @@ with the same counts for the mean image and for the nearest held-out image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
