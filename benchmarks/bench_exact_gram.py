@@ -21,8 +21,9 @@ paraphrases. ``--projection-dims`` also projects both sides at those dimensions,
 the keys with that many copies of the variant set, as the notebook's full profile does (four dimensions,
 two settings). ``--methods`` runs a subset of the configurations. ``--determinism nofill`` seeds and
 configures torch as the notebooks do (:func:`imprint.runtime.seed_everything`: deterministic algorithms
-and a fixed cuBLAS workspace); ``fill`` also fills every new tensor, torch's default in that mode. ``--profile`` records the operators that took the most device and host time
-in one more run of the first configuration (``torch.profiler``).
+and a fixed cuBLAS workspace); ``fill`` also fills every new tensor, torch's default in that mode.
+``--profile`` records the operators that took the most device and host time in one more run of the
+first configuration (``torch.profiler``).
 
 Writes ``benchmarks/results/exact_gram_<device>.json`` unless ``--out`` names another file.
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from imprint.data.text import (GenerationConfig, encode_chat_examples, model_generated_examples,
-                               paraphrase_examples, python_docs_examples, rule_paraphrase, split_examples)
+                               paraphrase_examples, python_docs_examples, split_examples)
 from imprint.models.lm import load_causal_lm
 from imprint.runtime import atomic_write_json, describe_device
 from imprint.runtime.checks import require_int
@@ -47,8 +46,7 @@ def main() -> None:
     paraphrased = paraphrase_examples(examples, lm, method="model", config=config, cache_path=args.cache,
                                       timings=timings)
     answered = model_generated_examples(paraphrased, lm, config=config, cache_path=args.cache, timings=timings)
-    rule = [replace(e, instruction=rule_paraphrase(e.instruction, instruction=True), answer=rule_paraphrase(e.answer))
-            for e in examples]
+    rule = paraphrase_examples(examples, method="rule", cache_path=args.cache)
     record = {"device": describe_device(device), "model": lm.name, "examples": args.examples,
               "max_new_tokens": args.max_new_tokens, "max_length": args.max_length,
               "generation_seconds": timings, "sets": {}}

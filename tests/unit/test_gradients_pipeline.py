@@ -125,7 +125,7 @@ def test_exact_rows_never_read_memory_they_did_not_write(setup, method):
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.utils.deterministic.fill_uninitialized_memory = fill
             runs.append(exact_rows(lm.model, train, variants, 1, 4, sites, batch_size=2, projection=projection,
-                                   method=method, query_block=2, key_elements=10 ** 9 if method != "ghost" else 0))
+                                   method=method, query_block=2, key_elements=10 ** 9))
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = before[1]

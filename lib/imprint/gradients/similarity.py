@@ -144,7 +144,7 @@ def separation_auc(own: Float[Tensor, " n"], other: Float[Tensor, " m"]) -> floa
 
     The Mann-Whitney statistic by sorting the smaller side once and looking the larger one up in it:
     ``O((n + m) log min(n, m))``: a thousand own scores against a million others take about 30 ms on
-    one CPU core. The counts are integers, so the result does not depend on which side is sorted.
+    two CPU cores. The counts are integers, so the result does not depend on which side is sorted.
     """
     if own.numel() == 0 or other.numel() == 0:
         raise ValueError("own and other must both be non-empty")
