@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from imprint.data.text import InstructionExample, encode_chat_examples
-from imprint.gradients.per_example import (GradientProjection, capture_factors, capture_rows, factor_gram,
-                                           gram_costs, factor_sites, group_name, materialise_gradients, parameter_groups,
-                                           per_example_gradients, per_example_gradients_factored,
+from imprint.gradients.per_example import (FormedGradients, GradientProjection, capture_factors, capture_rows,
+                                           factor_gram, gram_costs, factor_sites, group_name, materialise_gradients,
+                                           parameter_groups, per_example_gradients, per_example_gradients_factored,
                                            per_example_gradients_loop, projected_features, projected_gradients,
-                                           sft_loss_per_example, weight_matrix_names)
+                                           sft_loss_per_example, weight_matrix_names, weight_stacks)
 from imprint.models.lm import tiny_llama
 
 EXAMPLES = [
@@ -119,18 +119,21 @@ def test_exact_gram_equals_brute_force(lm, encoding, reference, method):
         torch.testing.assert_close(dots[name], ref.flatten(1) @ ref[1:3].flatten(1).T, rtol=1e-9, atol=1e-14)
 
 
-def test_gram_with_formed_key_gradients_equals_brute_force(lm, encoding, reference):
+@pytest.mark.parametrize("max_elements", [500, 4096, 10 ** 9], ids=["rows", "weights", "whole"])
+def test_gram_with_formed_key_gradients_equals_brute_force(lm, encoding, reference, max_elements):
+    """Formed in chunks of one row of one weight, of two weights' rows (32 x 32 weights against two queries),
+    or whole stacks."""
     sites = factor_sites(lm.model)
     keys = capture_rows(lm.model, encoding, 0, 4, sites, batch_size=3)
     queries = capture_rows(lm.model, encoding, 1, 3, sites, batch_size=1)
     names = weight_matrix_names(lm.model)
-    formed = materialise_gradients(keys, names[::2], max_elements=500)  # every other weight, in row chunks
+    formed = materialise_gradients(keys, names[::2], max_elements=max_elements)  # every other weight
     for name in names[::2]:
         torch.testing.assert_close(formed[name], reference[name].flatten(1), rtol=1e-9, atol=1e-14)
     hollow = keys.without(names[::2])  # the formed weights' factors are released
     assert hollow.n == keys.n and all(hollow.output_grads[s.module_name].shape[1] == 0
                                       for s in sites if s.param_name in names[::2])
-    dots, sq_keys, sq_queries = factor_gram(hollow, queries, max_elements=500, a_gradients=formed)
+    dots, sq_keys, sq_queries = factor_gram(hollow, queries, max_elements=max_elements, a_gradients=formed)
     for name, ref in reference.items():
         torch.testing.assert_close(dots[name], ref.flatten(1) @ ref[1:3].flatten(1).T, rtol=1e-9, atol=1e-14)
         torch.testing.assert_close(sq_keys[name], ref.flatten(1).square().sum(1), rtol=1e-9, atol=1e-14)
@@ -139,6 +142,44 @@ def test_gram_with_formed_key_gradients_equals_brute_force(lm, encoding, referen
         factor_gram(keys, queries, a_gradients={"not.a.weight": formed[names[0]]})
     with pytest.raises(ValueError, match=r"a_gradients\[.*expected"):
         factor_gram(keys, queries, a_gradients={names[0]: formed[names[0]][:2]})
+
+
+def test_stacked_gradients_of_weights_of_one_shape(lm, encoding, reference):
+    keys = capture_rows(lm.model, encoding, 0, 4, factor_sites(lm.model), batch_size=3)
+    names = weight_matrix_names(lm.model)
+    stacks = weight_stacks(keys, names)
+    assert sorted(n for stack in stacks for n in stack) == sorted(names)
+    assert all(len({tuple(reference[n].shape) for n in stack}) == 1 for stack in stacks)
+    tied = lm.model.config.tie_word_embeddings
+    assert ["model.embed_tokens.weight"] in stacks  # two sites when tied, an embedding site when not
+    assert max(map(len, stacks)) >= 4  # the same projections of both layers (q and o are both 32 x 32)
+    for stack in stacks:
+        formed = keys.stacked_gradients(stack, slice(1, 3))
+        for j, name in enumerate(stack):
+            torch.testing.assert_close(formed[j], reference[name][1:3].flatten(1), rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="one shape"):
+        keys.stacked_gradients(["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"])
+    if tied:
+        with pytest.raises(ValueError, match="one linear site"):
+            keys.stacked_gradients(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"])
+
+
+def test_formed_gradients_are_a_mapping_of_the_stacks(lm, encoding, reference):
+    keys = capture_rows(lm.model, encoding, 0, 4, factor_sites(lm.model), batch_size=3)
+    names = weight_matrix_names(lm.model)
+    formed = materialise_gradients(keys, names, max_elements=10 ** 9)  # whole stacks in one chunk
+    assert isinstance(formed, FormedGradients) and sorted(formed) == sorted(names) and len(formed) == len(names)
+    assert len(formed.stacks) < len(names)
+    for group, stack, sqnorms in formed.stacks:
+        assert stack.shape[:2] == (len(group), 4) and sqnorms.dtype == torch.float64
+        for j, name in enumerate(group):
+            torch.testing.assert_close(formed[name], reference[name].flatten(1), rtol=1e-9, atol=1e-14)
+            torch.testing.assert_close(sqnorms[j], reference[name].flatten(1).square().sum(1), rtol=1e-9, atol=1e-14)
+    plain = {n: reference[n].flatten(1) for n in names[:2]}
+    alone = FormedGradients.of(plain, {n: reference[n].shape[2] for n in plain})
+    assert [g for g, _, _ in alone.stacks] == [[n] for n in plain]
+    for name, value in plain.items():
+        assert alone[name] is value or alone[name].data_ptr() == value.data_ptr()  # a view, not a copy
 
 
 def test_gram_costs_prefer_ghost_for_short_sequences(lm, encoding):

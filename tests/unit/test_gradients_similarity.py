@@ -86,13 +86,15 @@ def test_bm25_scores_match_rank_bm25_and_find_the_source():
 
     docs = ["Return the number of items in a container.", "Split the string at sep.",
             "An immutable sequence of items.", "The pass statement does nothing."]
-    queries = ["how many items does a container hold", "split a string", "what does pass do"]
+    # "the" is in three of four documents (a negative idf, floored by rank_bm25); repeated and unknown words
+    queries = ["how many items does a container hold", "split a string", "what does pass do",
+               "the the statement statement zebra", "zebra"]
     scores = bm25_scores(queries, docs)
-    assert scores.shape == (3, 4)
+    assert scores.shape == (5, 4) and scores.dtype == torch.float64
     bm25 = BM25Okapi([word_tokens(d) for d in docs])
     for i, q in enumerate(queries):
         np.testing.assert_allclose(scores[i].numpy(), bm25.get_scores(word_tokens(q)))
-    assert scores.argmax(1).tolist() == [0, 1, 3]
+    assert scores.argmax(1)[:4].tolist() == [0, 1, 3, 3] and not scores[4].any()
     assert word_tokens("str.split(sep=None)") == ["str", "split", "sep", "none"]
 
 

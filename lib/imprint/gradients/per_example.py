@@ -318,6 +318,29 @@ class Factors:
             total.view(b * site.out_features, site.in_features).index_add_(0, flat, g.reshape(b * t, -1))
         return total
 
+    def stackable(self, param_name: str) -> bool:
+        """Whether the weight has one linear site, so that :meth:`stacked_gradients` can batch it with others."""
+        sites = [s for s in self.sites if s.param_name == param_name]
+        return len(sites) == 1 and sites[0].kind == "linear"
+
+    def stacked_gradients(self, param_names: Sequence[str], rows: slice = slice(None)) -> Float[Tensor, "w n d"]:
+        """Flattened per-example gradients of several weights of one shape, ``(len(param_names), n, out * in)``.
+
+        Weights with one linear site each (:meth:`stackable`) are formed in one batched product over all
+        of them, which spares a kernel launch per weight; any other weight must come alone.
+        """
+        names = list(param_names)
+        if len(names) == 1 and not self.stackable(names[0]):
+            return self.gradients(names[0], rows).flatten(1)[None]
+        bad = [n for n in names if not self.stackable(n)]
+        if bad or len({self.param_shape(n) for n in names}) != 1:
+            raise ValueError(f"param_names: expected weights of one shape with one linear site each; "
+                             f"{bad[:3] or names[:3]} are not")
+        modules = [next(s.module_name for s in self.sites if s.param_name == n) for n in names]
+        g = torch.stack([self.output_grads[m][rows] for m in modules])  # (weights, n, T, out)
+        x = torch.stack([self.inputs[m][rows] for m in modules]).to(g.dtype)  # (weights, n, T, in)
+        return torch.matmul(g.transpose(-1, -2), x).flatten(2)
+
     @staticmethod
     def concat(parts: Sequence["Factors"]) -> "Factors":
         """One ``Factors`` for several batches (sequences zero-padded to the longest: zero gradients add nothing).
@@ -546,32 +569,97 @@ def gram_costs(a: Factors, b: Factors, name: str, max_elements: int, a_formed: b
 
 
 def _sqnorms(rows: Tensor, width: int) -> Tensor:
-    """Squared norms of flattened ``(out, width)`` gradients: each matrix row's norm in the gradient's dtype,
-    their squares summed in float64 (one float32 sum over a 28M-entry table would lose digits)."""
-    per_row = torch.linalg.vector_norm(rows.view(rows.shape[0], -1, width), dim=2)
-    return per_row.double().square().sum(1)
+    """Squared norms of flattened ``(..., out * width)`` gradients: each matrix row's norm in the gradient's
+    dtype, their squares summed in float64 (one float32 sum over a 28M-entry table would lose digits)."""
+    per_row = torch.linalg.vector_norm(rows.unflatten(-1, (-1, width)), dim=-1)
+    return per_row.double().square().sum(-1)
 
 
-def materialise_gradients(f: Factors, names: Sequence[str], max_elements: int = 1 << 28) -> dict[str, Tensor]:
-    """``{name: (n, out * in)}``: the flattened per-example gradients of ``names``, formed once.
+def _row_dots(a: Tensor, b: Tensor, width: int) -> Tensor:
+    """``a @ b.T`` in float64 for flattened ``(n, out * width)`` gradients: one batched product per matrix row
+    in the gradients' dtype, the rows' partial dots summed in float64.
+
+    Splitting the long reduction keeps every multiprocessor busy (a single ``(n_a, d) @ (d, n_b)`` product
+    of a few dozen rows runs on a handful of them: ten times slower on an H100 for SmolLM2's MLP weights)
+    and, as for :func:`_sqnorms`, sums the millions of terms of a large table in float64. The views are
+    strided, never copied.
+    """
+    rows_a = a.view(a.shape[0], -1, width).transpose(0, 1)  # (out, n_a, width)
+    rows_b = b.view(b.shape[0], -1, width).permute(1, 2, 0)  # (out, width, n_b)
+    return torch.bmm(rows_a, rows_b).double().sum(0)
+
+
+def weight_stacks(f: Factors, names: Sequence[str]) -> list[list[str]]:
+    """``names`` in stacks that :meth:`Factors.stacked_gradients` forms together: the weights of one shape
+    with one linear site each (the same projection in every transformer layer), any other weight alone.
+    Stacks are ordered by their first weight, in the order of ``names``."""
+    stacks: dict[object, list[str]] = {}
+    for name in names:
+        stacks.setdefault(f.param_shape(name) if f.stackable(name) else name, []).append(name)
+    return list(stacks.values())
+
+
+def _chunks(n_weights: int, n_rows: int, size: int, max_elements: int) -> list[tuple[slice, slice]]:
+    """``(weights, rows)`` chunks of a ``(n_weights, n_rows, size)`` stack of at most ``max_elements``
+    numbers (one row of one weight when even that is larger)."""
+    rows = max(1, min(n_rows, max_elements // size))
+    weights = max(1, max_elements // (rows * size)) if rows == n_rows else 1
+    return [(slice(w, w + weights), slice(r, r + rows))
+            for w in range(0, n_weights, weights) for r in range(0, n_rows, rows)]
+
+
+class FormedGradients(Mapping[str, Tensor]):
+    """Per-example gradients of several weights, formed once (:func:`materialise_gradients`).
+
+    ``stacks`` pairs a list of weights of one shape with their gradients ``(weights, n, out * in)`` and
+    their squared norms ``(weights, n)`` in float64; ``self[name]`` is one weight's ``(n, out * in)``.
+    """
+
+    def __init__(self, stacks: Sequence[tuple[list[str], Tensor, Tensor]]):
+        self.stacks = list(stacks)
+        self._where = {name: (i, j) for i, (names, _, _) in enumerate(self.stacks) for j, name in enumerate(names)}
+
+    @classmethod
+    def of(cls, gradients: Mapping[str, Tensor], widths: Mapping[str, int]) -> "FormedGradients":
+        """Each of ``{name: (n, out * in)}`` as a stack of its own (``widths``: each weight's ``in``)."""
+        if isinstance(gradients, FormedGradients):
+            return gradients
+        return cls([([name], g[None], _sqnorms(g, widths[name])[None]) for name, g in gradients.items()])
+
+    def __getitem__(self, name: str) -> Tensor:
+        i, j = self._where[name]
+        return self.stacks[i][1][j]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def materialise_gradients(f: Factors, names: Sequence[str], max_elements: int = 1 << 28) -> FormedGradients:
+    """The flattened per-example gradients of ``names``, formed once: ``result[name]`` is ``(n, out * in)``.
 
     Passed to :func:`factor_gram` as ``a_gradients``, they spare re-forming the same examples' gradients
     against every new batch of the other side (the keys of a store partition against blocks of queries).
-    Formed in row chunks of at most ``max_elements`` numbers; the result holds ``n`` times the weights' size.
+    Weights of one shape are formed and kept as one stack (:func:`weight_stacks`), in chunks of at most
+    ``max_elements`` numbers; the result holds ``n`` times the weights' size.
     """
     require_int("max_elements", max_elements, minimum=1)
-    out = {}
-    for name in names:
-        rows_out, cols = f.param_shape(name)
-        rows = max(1, max_elements // (rows_out * cols))
-        first = f.gradients(name, slice(0, rows)).flatten(1)
-        formed = first.new_empty((f.n, rows_out * cols))
-        formed[:len(first)] = first
-        del first
-        for lo in range(rows, f.n, rows):
-            formed[lo:lo + rows] = f.gradients(name, slice(lo, lo + rows)).flatten(1)
-        out[name] = formed
-    return out
+    stacks = []
+    for group in weight_stacks(f, names):
+        out, inp = f.param_shape(group[0])
+        formed = sqnorms = None
+        for weights, rows in _chunks(len(group), f.n, out * inp, max_elements):
+            part = f.stacked_gradients(group[weights], rows)
+            if formed is None:
+                formed = part.new_empty((len(group), f.n, out * inp))
+                sqnorms = torch.empty(len(group), f.n, dtype=torch.float64, device=part.device)
+            formed[weights, rows] = part
+            sqnorms[weights, rows] = _sqnorms(part, inp)
+            del part
+        stacks.append((group, formed, sqnorms))
+    return FormedGradients(stacks)
 
 
 def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str = "auto",
@@ -585,22 +673,40 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
     ``max_elements`` numbers; ``"ghost"`` never forms them and uses
     ``<sum_t u_t w_t^T, sum_s u'_s w'_s^T> = sum_{t,s} (u_t . u'_s)(w_t . w'_s)``, cheaper for short
     sequences and few examples. ``"auto"`` picks the cheaper one per weight (:func:`gram_costs`).
-    ``a_gradients`` (from :func:`materialise_gradients`) holds already formed gradients of ``a`` for some
-    weights: those weights use them and form only the gradients of ``b``.
+    ``a_gradients`` (from :func:`materialise_gradients`, or any ``{name: (n_a, out * in)}``) holds already
+    formed gradients of ``a`` for some weights: those weights use them and form only the gradients of
+    ``b``, a stack of weights of one shape at a time.
     """
     require_choice("method", method, ["auto", "materialise", "ghost"])
     require_int("max_elements", max_elements, minimum=1)
-    formed = dict(a_gradients or {})
-    unknown = [n for n in formed if n not in a.param_names]
+    given = a_gradients or {}
+    unknown = [n for n in given if n not in a.param_names]
     if unknown:
         raise ValueError(f"a_gradients: {unknown[:3]} are not weights of these factors")
-    dots, sq_a, sq_b = {}, {}, {}
-    for name in a.param_names:
+    for name in given:
         out, inp = a.param_shape(name)
-        if name in formed and formed[name].shape != (a.n, out * inp):
-            raise ValueError(f"a_gradients[{name!r}] has shape {tuple(formed[name].shape)}: expected "
+        if given[name].shape != (a.n, out * inp):
+            raise ValueError(f"a_gradients[{name!r}] has shape {tuple(given[name].shape)}: expected "
                              f"({a.n}, {out * inp})")
-        chosen = "materialise" if name in formed else method
+    formed = FormedGradients.of(given, {n: a.param_shape(n)[1] for n in given})
+    device = next(iter(b.output_grads.values())).device
+    stacked = []  # (names, dots (w, n_a, n_b), squared norms of a (w, n_a), of b (w, n_b)) on the device
+    for names, stack, sqnorms in formed.stacks:
+        out, inp = a.param_shape(names[0])
+        dot = torch.empty(len(names), a.n, b.n, dtype=torch.float64, device=device)
+        norm_b = torch.empty(len(names), b.n, dtype=torch.float64, device=device)
+        for weights, rows in _chunks(len(names), b.n, out * inp, max_elements):
+            gb = b.stacked_gradients(names[weights], rows)
+            norm_b[weights, rows] = _sqnorms(gb, inp)
+            for j, w in enumerate(range(len(names))[weights]):
+                dot[w, :, rows] = _row_dots(stack[w], gb[j], inp)
+            del gb
+        stacked.append((names, dot, sqnorms, norm_b))
+    for name in a.param_names:
+        if name in formed:
+            continue
+        out, inp = a.param_shape(name)
+        chosen = method
         if chosen == "auto":
             costs = gram_costs(a, b, name, max_elements)
             chosen = min(costs, key=costs.get)
@@ -612,21 +718,21 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
                              for lo in range(0, a.n, per_pair)])
             norm_a, norm_b = (_ghost_sqnorms(f, name, dtype).double() for f in (a, b))
         else:
-            # row chunks of a's gradients: the formed ones whole, the others formed chunk by chunk
-            chunks = ([(0, formed[name])] if name in formed else
-                      ((lo, a.gradients(name, slice(lo, lo + rows)).flatten(1)) for lo in range(0, a.n, rows)))
-            device = next(iter(b.output_grads.values())).device
             dot = torch.empty(a.n, b.n, dtype=torch.float64, device=device)
             norm_a = torch.empty(a.n, dtype=torch.float64, device=device)
             norm_b = torch.empty(b.n, dtype=torch.float64, device=device)
-            for lo, ga in chunks:
+            for lo in range(0, a.n, rows):  # row chunks of a's gradients, formed chunk by chunk
+                ga = a.gradients(name, slice(lo, lo + rows)).flatten(1)
                 norm_a[lo:lo + ga.shape[0]] = _sqnorms(ga, inp)
                 for lo_b in range(0, b.n, rows):
                     gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
                     if lo == 0:
                         norm_b[lo_b:lo_b + gb.shape[0]] = _sqnorms(gb, inp)
-                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = (ga @ gb.T).double()
-        dots[name], sq_a[name], sq_b[name] = dot, norm_a, norm_b
-    # one transfer at the end rather than a device synchronisation per weight
-    return ({n: v.cpu() for n, v in dots.items()}, {n: v.cpu() for n, v in sq_a.items()},
-            {n: v.cpu() for n, v in sq_b.items()})
+                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = _row_dots(ga, gb, inp)
+        stacked.append(([name], dot[None], norm_a[None], norm_b[None]))
+    # one transfer per stack at the end rather than a device synchronisation per weight; model order
+    parts: tuple[dict[str, Tensor], ...] = ({}, {}, {})
+    for names, *tensors in stacked:
+        for part, tensor in zip(parts, tensors):
+            part.update(zip(names, tensor.cpu()))
+    return tuple({n: part[n] for n in a.param_names} for part in parts)

@@ -170,10 +170,32 @@ def word_tokens(text: str) -> list[str]:
 
 
 def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> Float[Tensor, "n_q n_d"]:
-    """Okapi BM25 score (``rank_bm25`` defaults, k1 = 1.5, b = 0.75) of every document for every query."""
+    """Okapi BM25 score (``rank_bm25`` defaults, k1 = 1.5, b = 0.75) of every document for every query.
+
+    The corpus statistics (term frequencies, document lengths, idf with its floor) are ``rank_bm25``'s;
+    the scores are its ``get_scores`` summed over every query word, written as one sparse product: query
+    word counts times the documents' per-word BM25 weights (a word no document contains adds nothing).
+    """
     from rank_bm25 import BM25Okapi
+    from scipy import sparse
 
     if not queries or not documents:
         raise ValueError("queries and documents must both be non-empty")
     bm25 = BM25Okapi([word_tokens(d) for d in documents])
-    return torch.tensor(np.stack([bm25.get_scores(word_tokens(q)) for q in queries]), dtype=torch.float64)
+    vocabulary = {word: j for j, word in enumerate(bm25.idf)}
+    norm = bm25.k1 * (1 - bm25.b + bm25.b * np.asarray(bm25.doc_len, dtype=np.float64) / bm25.avgdl)
+    rows, cols, weights = [], [], []
+    for d, freqs in enumerate(bm25.doc_freqs):
+        for word, tf in freqs.items():
+            rows.append(d)
+            cols.append(vocabulary[word])
+            weights.append(bm25.idf[word] * tf * (bm25.k1 + 1) / (tf + norm[d]))
+    doc_weights = sparse.csr_matrix((weights, (rows, cols)), shape=(len(documents), len(vocabulary)))
+    q_rows, q_cols = [], []
+    for i, query in enumerate(queries):
+        for word in word_tokens(query):
+            if word in vocabulary:
+                q_rows.append(i)
+                q_cols.append(vocabulary[word])
+    counts = sparse.csr_matrix((np.ones(len(q_rows)), (q_rows, q_cols)), shape=(len(queries), len(vocabulary)))
+    return torch.from_numpy((counts @ doc_weights.T).toarray())
