@@ -575,18 +575,23 @@ def _sqnorms(rows: Tensor, width: int) -> Tensor:
     return per_row.double().square().sum(-1)
 
 
-def _row_dots(a: Tensor, b: Tensor, width: int) -> Tensor:
+def _row_dots(a: Tensor, b: Tensor, width: int, max_elements: int) -> Tensor:
     """``a @ b.T`` in float64 for flattened ``(n, out * width)`` gradients: one batched product per matrix row
     in the gradients' dtype, the rows' partial dots summed in float64.
 
     Splitting the long reduction keeps every multiprocessor busy (a single ``(n_a, d) @ (d, n_b)`` product
     of a few dozen rows runs on a handful of them: ten times slower on an H100 for SmolLM2's MLP weights)
     and, as for :func:`_sqnorms`, sums the millions of terms of a large table in float64. The views are
-    strided, never copied.
+    strided, never copied; the partial products are taken for as many matrix rows at a time as fit in
+    ``max_elements`` numbers.
     """
     rows_a = a.view(a.shape[0], -1, width).transpose(0, 1)  # (out, n_a, width)
     rows_b = b.view(b.shape[0], -1, width).permute(1, 2, 0)  # (out, width, n_b)
-    return torch.bmm(rows_a, rows_b).double().sum(0)
+    step = max(1, max_elements // (a.shape[0] * b.shape[0]))
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, rows_a.shape[0], step):
+        total += torch.bmm(rows_a[lo:lo + step], rows_b[lo:lo + step]).double().sum(0)
+    return total
 
 
 def weight_stacks(f: Factors, names: Sequence[str]) -> list[list[str]]:
@@ -699,7 +704,7 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
             gb = b.stacked_gradients(names[weights], rows)
             norm_b[weights, rows] = _sqnorms(gb, inp)
             for j, w in enumerate(range(len(names))[weights]):
-                dot[w, :, rows] = _row_dots(stack[w], gb[j], inp)
+                dot[w, :, rows] = _row_dots(stack[w], gb[j], inp, max_elements)
             del gb
         stacked.append((names, dot, sqnorms, norm_b))
     for name in a.param_names:
@@ -728,7 +733,7 @@ def factor_gram(a: Factors, b: Factors, max_elements: int = 1 << 28, method: str
                     gb = b.gradients(name, slice(lo_b, lo_b + rows)).flatten(1)
                     if lo == 0:
                         norm_b[lo_b:lo_b + gb.shape[0]] = _sqnorms(gb, inp)
-                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = _row_dots(ga, gb, inp)
+                    dot[lo:lo + ga.shape[0], lo_b:lo_b + gb.shape[0]] = _row_dots(ga, gb, inp, max_elements)
         stacked.append(([name], dot[None], norm_a[None], norm_b[None]))
     # one transfer per stack at the end rather than a device synchronisation per weight; model order
     parts: tuple[dict[str, Tensor], ...] = ({}, {}, {})
