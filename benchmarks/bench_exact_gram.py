@@ -29,13 +29,12 @@ first configuration (``torch.profiler``).
 
 Writes ``benchmarks/results/exact_gram_<device>.json`` unless ``--out`` names another file.
 
-    python benchmarks/bench_exact_gram.py --device cpu --model smollm2 --keys 4 --queries 16 --query-block 4
-    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 16
-    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 32 \
-        --projection-dims 16 64 256 1024 --settings 2
-    python benchmarks/bench_exact_gram.py --device cuda --model smollm2 --keys 64 --queries 1000 --query-block 32 \
-        --projection-dims 16 64 256 1024 --settings 2 --methods length_order_formed_once \
-        --profile --rounds 1 --determinism nofill --out /tmp/exact_gram_notebook_config.json
+    python benchmarks/bench_exact_gram.py --device cpu --model smollm2 --keys 4 --queries 16 --query-block 4 \
+        --batch-size 4
+    python benchmarks/bench_exact_gram.py --device cuda --model <config folder> --random-init --keys 64 \
+        --queries 1000 --query-block 64 --batch-size 64 --projection-dims 16 64 256 1024 --settings 2 \
+        --methods dataset_order_reformed length_order_formed_once capture_queries_only --rounds 1 \
+        --determinism nofill
 """
 
 from __future__ import annotations

@@ -71,10 +71,12 @@ def main() -> None:
     projection = GradientProjection(model, [16, 64, 256, 1024], 0, "rademacher", names, device)
     exact_rows(model, train.select(0, 2), {"a": paraphrased.select(0, 2)}, 0, 2, sites, 2)  # warm-up
     n = args.queries
+    def capture_all(bs: int) -> None:  # each batch's factors dropped before the next, as in exact_rows
+        for lo in range(0, n, bs):
+            capture_rows(model, by_length, lo, min(lo + bs, n), sites, bs)
+
     for bs in args.capture_batches:
-        timed(f"capture {n} sorted variants in batches of {bs}",
-              lambda: [capture_rows(model, by_length, lo, min(lo + bs, n), sites, bs) and None
-                       for lo in range(0, n, bs)])
+        timed(f"capture {n} sorted variants in batches of {bs}", lambda: capture_all(bs))
     keys = timed(f"capture {args.keys} keys", lambda: capture_rows(model, train, 0, args.keys, sites, 16))
     formed = timed(f"form {args.keys} keys", lambda: materialise_gradients(keys, names, args.max_elements))
     hollow = keys.without(names)

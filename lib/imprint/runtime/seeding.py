@@ -15,8 +15,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
     Deterministic kernels fix the order of their reductions, which is what makes two runs (or a resumed
     run) give the same numbers. Torch's deterministic mode also fills every newly allocated tensor with
     NaN by default (``torch.utils.deterministic.fill_uninitialized_memory``); that only changes code which
-    reads memory it never wrote, and costs one more kernel per allocation, so it is switched off here
-    (``tests/unit/test_gradients_pipeline.py`` checks that the gradient kernels never read such memory).
+    reads memory it never wrote, and costs one more kernel per allocation (on chapter 03's exact store on an
+    H100, no measurable time: ``benchmarks/results/exact_store_batches_cuda.log``), so it is switched off
+    here (``tests/unit/test_gradients_pipeline.py`` checks that the gradient kernels never read such memory).
 
     Returns a CPU ``torch.Generator`` seeded with ``seed`` for code that prefers an explicit generator.
     """
