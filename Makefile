@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps $$($(PY) lib/imprint/runtime/nodeps.py)
 	touch $(STAMP)
 
 run: setup  ## the main job: every notebook's ci profile, then the ci book
