@@ -23,7 +23,15 @@ def _cmd_list(args) -> int:
     for name in names:
         spec = load_spec(name)
         print(f"{spec.name}  ({spec.source.relative_to(spec.source.parent.parent)})")
-        print("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()))
+        if args.notebooks:  # one line per parameter, from the params file's schema
+            schema = spec.schema()
+            print("  parameters (default, description, constraints):")
+            for key, default in spec.defaults.items():
+                d = schema.get(key)
+                rules = f" ({d.summary()})" if d and d.summary() else ""
+                print(f"  {key} = {default!r}  {d.help + rules if d else '(not described)'}")
+        else:
+            print("  parameters: " + ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()))
         for profile, values in spec.profiles().items():
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "(the parameters cell)"
             print(f"  profile {profile}: {shown}")
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="notebooks, their parameters and profiles")
-    p_list.add_argument("notebooks", nargs="*")
+    p_list.add_argument("notebooks", nargs="*", help="named: one line of description per parameter")
     p_run = sub.add_parser("run", help="execute notebooks with papermill")
     p_run.add_argument("notebooks", nargs="*", help="names or numbers (default: all)")
     p_run.add_argument("--profile", default=CI, help="ci (default), full, or a profile of params/NN.yaml")

@@ -4,7 +4,10 @@ The ``parameters`` cell of ``notebooks/NN_name.md`` *is* the ci profile: one ``n
 line. ``params/NN_name.yaml`` maps other profile names (``full`` and variants) to flat maps that
 override some of those defaults; ``-p key=value`` overrides come last. Every key must name a parameter,
 and every value must have the default's type (an int is accepted for a float, and a string that reads as
-a number is accepted for a float, since YAML reads ``1e-4`` as a string).
+a number is accepted for a float, since YAML reads ``1e-4`` as a string). Two names in the params file
+are not profiles: ``schema`` declares each parameter's description and constraints
+(:mod:`imprint.runtime.schema`), checked on the merged values; ``headline`` lists the metrics the
+synthesis page shows for the notebook.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any, Mapping
 import yaml
 
 from imprint.runtime.provenance import repo_root
+from imprint.runtime.schema import Declaration, check_declared, parse_schema
 
 CI = "ci"
 RECORD = "full"
+SECTIONS = ("schema", "headline")  # names in params/NN.yaml that are not profiles
 
 
 class ParameterError(ValueError):
@@ -40,6 +45,20 @@ class NotebookSpec:
     def profiles(self) -> dict[str, dict[str, Any]]:
         """``ci`` (no overrides) and every profile of the params file."""
         return {CI: {}, **read_profiles(self)}
+
+    def schema(self) -> dict[str, Declaration]:
+        """The declarations of the params file's ``schema:`` section (parameter -> description, constraints)."""
+        try:
+            return parse_schema(read_params_file(self).get("schema"), self.defaults, str(self.params_file))
+        except ValueError as err:
+            raise ParameterError(str(err)) from None
+
+    def headline(self) -> list[str]:
+        """The metrics chosen for the synthesis page (the params file's ``headline:`` list), or none."""
+        names = read_params_file(self).get("headline") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ParameterError(f"{self.params_file}: 'headline' must be a list of metric names")
+        return names
 
 
 def notebooks_dir(root: Path | None = None) -> Path:
@@ -104,14 +123,22 @@ def load_spec(name: str, root: Path | None = None) -> NotebookSpec:
                         root / "params" / f"{source.stem}.yaml")
 
 
-def read_profiles(spec: NotebookSpec) -> dict[str, dict[str, Any]]:
+def read_params_file(spec: NotebookSpec) -> dict[str, Any]:
+    """The whole params file (profiles and sections); empty when there is none."""
     if not spec.params_file.is_file():
         return {}
     try:
         data = yaml.safe_load(spec.params_file.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParameterError(f"{spec.params_file}: malformed YAML ({err})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not isinstance(data, dict):
+        raise ParameterError(f"{spec.params_file}: expected a map of profile names to flat maps of parameters")
+    return data
+
+
+def read_profiles(spec: NotebookSpec) -> dict[str, dict[str, Any]]:
+    data = {k: v for k, v in read_params_file(spec).items() if k not in SECTIONS}
+    if not all(isinstance(v, dict) for v in data.values()):
         raise ParameterError(f"{spec.params_file}: expected a map of profile names to flat maps of parameters")
     if CI in data:
         raise ParameterError(f"{spec.params_file}: defines a '{CI}' profile, but the ci profile is the "
@@ -184,10 +211,11 @@ class ResolvedRun:
 
     @property
     def label(self) -> str:
-        """The profile, plus a short digest of the overrides when there are any."""
+        """The profile, plus a short digest of the effective parameters when overrides change any: the
+        same point reached through different overrides (or naming a value it already has) gets one label."""
         if not self.overrides:
             return self.profile
-        digest = hashlib.sha256(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps(self.parameters, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.profile}-{digest}"
 
     @property
@@ -205,10 +233,18 @@ def resolve_run(name: str, profile: str = CI, overrides: Mapping[str, Any] | Non
         where = (f"{spec.params_file} defines {sorted(profiles)}" if spec.params_file.is_file()
                  else f"there is no params file {spec.params_file}")
         raise ParameterError(f"{spec.name}: no profile {profile!r} ({where}; '{CI}' is always available)")
-    merged = dict(spec.defaults)
+    merged, given = dict(spec.defaults), {}
     for key, value in profiles.get(profile, {}).items():
-        merged[key] = coerce(spec, key, value, f"profile {profile!r} of {spec.params_file.name}")
-    checked = {}
+        given[key] = f"profile {profile!r} of {spec.params_file.name}"
+        merged[key] = coerce(spec, key, value, given[key])
+    checked = {}  # the overrides that change a value; one naming the value it already has changes nothing
     for key, value in (overrides or {}).items():
-        checked[key] = merged[key] = coerce(spec, key, value, "the -p overrides")
+        value = coerce(spec, key, value, "the -p overrides")
+        if value != merged[key] or type(value) is not type(merged[key]):
+            given[key] = "the -p overrides"
+            checked[key] = merged[key] = value
+    try:
+        check_declared(spec.schema(), merged, spec.defaults, given)
+    except ValueError as err:
+        raise ParameterError(f"{spec.name}: {err}") from None
     return ResolvedRun(spec, profile, checked, merged)
