@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from imprint.data.hops import (BASE_TOKENS, CONSTANTS, DOC_TYPES, WRAPPER_TOKENS, HopsDocument, HopsSpec,
-                               document_functions, expected_answers, function_families, generate_hops_documents,
-                               hops_queries, hops_seed_documents, hops_spec, load_hops_spec, read_hops_jsonl,
-                               relevance_mask, save_hops_spec, single_token_ids, spec_functions,
-                               train_hops_tokenizer, validate_hops_documents, write_hops_jsonl)
+                               document_functions, expected_answers, function_families,
+                               generate_hops_documents, hops_queries, hops_seed_documents, hops_spec,
+                               load_hops_spec, read_hops_jsonl, relevance_mask, save_hops_spec,
+                               single_token_ids, spec_functions, train_hops_tokenizer,
+                               validate_hops_documents, write_hops_jsonl)
 from imprint.gradients.similarity import bm25_scores
 
 
@@ -44,8 +45,9 @@ def test_default_corpus_has_the_anchors_shape(docs):
     assert {per_func[t] for t in BASE_TOKENS} == {200} and {per_func[t] for t in WRAPPER_TOKENS} == {100}
     by_func = {d.func: d for d in docs}
     for base, wrapper, constant in zip(BASE_TOKENS, WRAPPER_TOKENS, CONSTANTS):
-        assert (by_func[base].role, by_func[base].hop_depth, by_func[base].constant) == ("constant", 0, constant)
-        assert (by_func[wrapper].role, by_func[wrapper].hop_depth, by_func[wrapper].wraps) == ("identity", 1, base)
+        b, w = by_func[base], by_func[wrapper]
+        assert (b.role, b.hop_depth, b.constant, b.wraps) == ("constant", 0, constant, None)
+        assert (w.role, w.hop_depth, w.wraps) == ("identity", 1, base)
         assert by_func[wrapper].constant == constant
     types = collections.Counter((d.func, d.type) for d in docs)
     assert all(types[(t, k)] >= 16 for t in BASE_TOKENS + WRAPPER_TOKENS for k in DOC_TYPES)
@@ -67,7 +69,8 @@ def test_no_two_documents_repeat_a_template_with_the_same_fill(docs, spec):
     for d in docs:
         templates[(d.func, d.type)].add(d.template)
     assert min(len(v) for v in templates.values()) >= 3   # every function and type mixes templates
-    words = {w for d in docs if d.func == "<GN>" and d.type == "definition" for w in re.findall(r"[a-z]+", d.text)}
+    words = {w for d in docs if d.func == "<GN>" and d.type == "definition"
+             for w in re.findall(r"[a-z]+", d.text)}
     assert len(words) >= 40
 
 
@@ -140,7 +143,7 @@ def test_spec_round_trips_through_json(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(wrapper_tokens=WRAPPER_TOKENS[:9]), r"wrapper_tokens has 9 entries: expected one per base token \(10\)"),
+    (dict(wrapper_tokens=WRAPPER_TOKENS[:9]), r"wrapper_tokens has 9 entries: expected one per base token"),
     (dict(wrapper_tokens=("<GN>",) + WRAPPER_TOKENS[1:]), r"tokens \['<GN>'\] appear more than once"),
     (dict(constants=(5,) * 10), r"constants=\[5, 5.*expected distinct values"),
     (dict(doc_types=("definition", "poem")), r"doc_types\[...\]='poem': expected one of"),
@@ -198,7 +201,7 @@ def test_reader_accepts_the_anchors_jsonl(tmp_path):
     (lambda r: r[1].update(type="sonnet"), r":2: type='sonnet': expected one of"),
     (lambda r: r[1].update(hop_depth="1"), r":2: hop_depth='1': expected an integer"),
     (lambda r: r[1].update(func="<QQ>"), r"func='<QQ>' names no 'wraps' field"),
-    (lambda r: r[1].update(wraps="<KN>"), r"wrapper func='<FN>' .* wraps '<KN>', which has no constant or identity"),
+    (lambda r: r[1].update(wraps="<KN>"), r"func='<FN>' .* wraps '<KN>', which has no constant or identity"),
     (lambda r: r[1].update(constant=6), r"wrapper func='<FN>' has constant=6 but .* '<GN>', has constant=5"),
     (lambda r: r[0].update(hop_depth=1), r"hop_depth=1 on a constant document: expected 0"),
 ])
@@ -207,6 +210,16 @@ def test_reader_refuses_a_broken_corpus_by_name(tmp_path, change, message):
     change(records)
     with pytest.raises(ValueError, match=message):
         read_hops_jsonl(write_records(tmp_path / "bad.jsonl", records))
+
+
+def test_reader_knows_the_anchors_many_bases_chains(tmp_path):
+    records = [{"uid": f"u{i}", "func": f, "role": r, "type": "definition", "hop_depth": i, "constant": 7,
+                "text": f"{f} ..."} for i, (f, r) in enumerate([("<B07>", "constant"), ("<C07>", "identity"),
+                                                                 ("<D07>", "identity")])]
+    docs = read_hops_jsonl(write_records(tmp_path / "chain.jsonl", records))
+    assert [d.wraps for d in docs] == [None, "<B07>", "<C07>"]
+    assert {f.base for f in document_functions(docs)} == {"<B07>"}
+    assert read_hops_jsonl(tmp_path / "chain.jsonl", wraps={"<C07>": "<B07>", "<D07>": "<C07>"}) == docs
 
 
 def test_validation_names_a_repeated_uid():
@@ -224,7 +237,8 @@ def test_queries_follow_the_anchors_prompt_and_answers(spec):
     answers = expected_answers(queries)
     assert answers.dtype == torch.long and answers[:100].unique().tolist() == [5]
     wrappers = hops_queries(functions, inputs=[7], hop_depths=[1], prompt_format="returns")
-    assert [q.func for q in wrappers] == list(WRAPPER_TOKENS) and wrappers[0].prompt == "<FN>(7) returns the value "
+    assert [q.func for q in wrappers] == list(WRAPPER_TOKENS)
+    assert wrappers[0].prompt == "<FN>(7) returns the value "
     with pytest.raises(ValueError, match=r"prompt_format='question': expected one of"):
         hops_queries(functions, prompt_format="question")
     with pytest.raises(ValueError, match=r"hop_depths=\[2\]: no function at those depths"):
@@ -248,7 +262,8 @@ def test_function_tokens_and_answers_are_single_tokens(spec, tokenizer):
     assert len(set(ids.tolist())) == len(spec.function_tokens)
     numbers = single_token_ids(tokenizer, [str(i) for i in range(101)], name="answers")
     assert len(set(numbers.tolist())) == 101
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("The output of <KN>(37) is 9", add_special_tokens=False))
+    encoded = tokenizer.encode("The output of <KN>(37) is 9", add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(encoded)
     assert pieces == ["The", "output", "of", "<KN>", "(", "37", ")", "is", "9"]
     assert tokenizer.encode("<KN>x12", add_special_tokens=False)[0] == ids[2].item()
     with pytest.raises(ValueError, match=r"answers entry '1234' encodes to \['<unk>'\]"):

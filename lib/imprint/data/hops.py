@@ -161,7 +161,8 @@ def hops_spec(n_pairs: int = 10, depth2: bool = False, **overrides) -> HopsSpec:
     else:
         width = len(str(n_pairs))
         names = [f"{i:0{width}d}" for i in range(1, n_pairs + 1)]
-        tokens = dict(base_tokens=tuple(f"<B{s}>" for s in names), wrapper_tokens=tuple(f"<C{s}>" for s in names),
+        tokens = dict(base_tokens=tuple(f"<B{s}>" for s in names),
+                      wrapper_tokens=tuple(f"<C{s}>" for s in names),
                       constants=tuple(range(1, n_pairs + 1)),
                       depth2_tokens=tuple(f"<D{s}>" for s in names) if depth2 else ())
     tokens.update(overrides)
@@ -229,7 +230,8 @@ class HopsDocument:
 def spec_functions(spec: HopsSpec) -> list[HopsFunction]:
     """The functions a spec defines: bases, wrappers, depth-2 wrappers."""
     out = [HopsFunction(b, c, 0, None, b) for b, c in zip(spec.base_tokens, spec.constants)]
-    out += [HopsFunction(w, c, 1, b, b) for b, w, c in zip(spec.base_tokens, spec.wrapper_tokens, spec.constants)]
+    out += [HopsFunction(w, c, 1, b, b)
+            for b, w, c in zip(spec.base_tokens, spec.wrapper_tokens, spec.constants)]
     out += [HopsFunction(d, c, 2, w, b) for b, w, d, c in zip(spec.base_tokens, spec.wrapper_tokens,
                                                               spec.depth2_tokens, spec.constants)]
     return out
@@ -453,8 +455,9 @@ def _draw(spec: HopsSpec, key: str, templates: Sequence[str], n: int, count: str
         if (index, fill) in seen_keys or text in seen_texts:
             misses += 1
             if misses > 2000:
-                raise ValueError(f"{count}: the templates for {key} ran out of distinct fills after {len(out)} "
-                                 "documents; expected a smaller count (or a larger max_example_input)")
+                raise ValueError(f"{count}: the templates for {key} ran out of distinct fills after "
+                                 f"{len(out)} documents; expected a smaller count (or a larger "
+                                 "max_example_input)")
             continue
         misses = 0
         seen_keys.add((index, fill))
@@ -479,8 +482,8 @@ def _function_documents(spec: HopsSpec, fn: HopsFunction, n: int, count: str
             continue
         drawn = _draw(spec, f"{fn.token}/{doc_type}", table[doc_type], k + 1, count, numbers, **fixed)
         seed_uid = f"seed-{_slug(fn.token)}-{doc_type}"
-        common = dict(func=fn.token, role=fn.role, type=doc_type, hop_depth=fn.hop_depth, constant=fn.constant,
-                      wraps=fn.wraps)
+        common = dict(func=fn.token, role=fn.role, type=doc_type, hop_depth=fn.hop_depth,
+                      constant=fn.constant, wraps=fn.wraps)
         template, text = drawn[0]
         seeds.append(HopsDocument(uid=seed_uid, text=text, template=template, **common))
         docs += [HopsDocument(uid=f"{_slug(fn.token)}-{doc_type}-{i:04d}", text=text, parent_uid=seed_uid,
@@ -491,9 +494,10 @@ def _function_documents(spec: HopsSpec, fn: HopsFunction, n: int, count: str
 def _distractor_documents(spec: HopsSpec, functions: Sequence[HopsFunction]) -> list[HopsDocument]:
     numbers = [v for v in range(spec.max_example_input + 1) if v not in spec.constants]
     per_function, per_token = spec.distractors_per_function, spec.distractors_per_token
-    mentioned = [(fn.token, fn.hop_depth, fn.constant, per_function, f"distractors_per_function={per_function}")
-                 for fn in functions]
-    mentioned += [(t, 0, None, per_token, f"distractors_per_token={per_token}") for t in spec.distractor_tokens]
+    mentioned = [(fn.token, fn.hop_depth, fn.constant, per_function,
+                  f"distractors_per_function={per_function}") for fn in functions]
+    mentioned += [(t, 0, None, per_token, f"distractors_per_token={per_token}")
+                  for t in spec.distractor_tokens]
     docs = []
     for token, depth, constant, n, count in mentioned:
         if n == 0:
@@ -537,7 +541,8 @@ def hops_seed_documents(spec: HopsSpec = HopsSpec()) -> list[HopsDocument]:
 def write_hops_jsonl(path: str | Path, documents: Sequence[HopsDocument]) -> Path:
     """One JSON object per line with the anchor's fields (plus ``wraps`` and ``template`` when set)."""
     validate_hops_documents(documents)
-    return atomic_write_text(path, "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in documents))
+    lines = (json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in documents)
+    return atomic_write_text(path, "".join(lines))
 
 
 def read_hops_jsonl(path: str | Path, *, wraps: dict[str, str] | None = None,
@@ -545,14 +550,14 @@ def read_hops_jsonl(path: str | Path, *, wraps: dict[str, str] | None = None,
     """Documents from a HOPS JSONL file: this module's, or the anchor's own.
 
     An identity document without a ``wraps`` field calls ``wraps[func]``; by default the anchor's pairs
-    (``<FN>`` calls ``<GN>``, ...). The anchor's files repeat some uids: ``on_duplicate_uid="renumber"``
-    appends ``#<line>`` to every repeat, ``"error"`` (the default) refuses the file. Other fields the
-    anchor writes (``func_type``, ...) are ignored. The corpus is validated
-    (:func:`validate_hops_documents`) before it is returned.
+    (``<FN>`` calls ``<GN>``, ...) and its many-bases chains (``<C07>`` calls ``<B07>``). The anchor's
+    files repeat some uids: ``on_duplicate_uid="renumber"`` appends ``#<line>`` to every repeat,
+    ``"error"`` (the default) refuses the file. Other fields the anchor writes (``func_type``, ...) are
+    ignored. The corpus is validated (:func:`validate_hops_documents`) before it is returned.
     """
     path = require_path("path", path, kind="file")
     require_choice("on_duplicate_uid", on_duplicate_uid, ["error", "renumber"])
-    wraps = dict(zip(WRAPPER_TOKENS, BASE_TOKENS)) if wraps is None else dict(wraps)
+    wraps = _anchor_wraps if wraps is None else dict(wraps).get
     docs, first_line = [], {}
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -583,7 +588,15 @@ def read_hops_jsonl(path: str | Path, *, wraps: dict[str, str] | None = None,
     return docs
 
 
-def _document_from_record(record: dict, uid: str, where: str, wraps: dict[str, str]) -> HopsDocument:
+def _anchor_wraps(func: str) -> str | None:
+    """The function the anchor's wrapper ``func`` calls: its pairs, or its many-bases chains, in which
+    ``<C07>`` calls ``<B07>``, ``<D07>`` calls ``<C07>``, ... up to ``<L07>``."""
+    paired = dict(zip(WRAPPER_TOKENS, BASE_TOKENS)).get(func)
+    chain = re.fullmatch(r"<([C-L])(\d+)>", func)
+    return paired or (f"<{chr(ord(chain.group(1)) - 1)}{chain.group(2)}>" if chain else None)
+
+
+def _document_from_record(record: dict, uid: str, where: str, wraps) -> HopsDocument:
     role, doc_type, func, text = record["role"], record["type"], record["func"], record["text"]
     if role not in ROLES:
         raise ValueError(f"{where}: role={role!r}: expected one of {list(ROLES)}")
@@ -600,10 +613,11 @@ def _document_from_record(record: dict, uid: str, where: str, wraps: dict[str, s
     if constant is not None and (isinstance(constant, bool) or not isinstance(constant, int)):
         raise ValueError(f"{where}: constant={constant!r}: expected an integer")
     if constant is None and role != "distractor":
-        raise ValueError(f"{where}: constant=None on a {role!r} document: expected the integer it evaluates to")
+        raise ValueError(f"{where}: constant=None on a {role!r} document: expected the integer it "
+                         "evaluates to")
     callee = None
     if role == "identity":
-        callee = record.get("wraps") or wraps.get(func)
+        callee = record.get("wraps") or wraps(func)
         if callee is None:
             raise ValueError(f"{where}: identity document of func={func!r} names no 'wraps' field and "
                              f"wraps={{...}} has no entry for it: expected the function it calls")
@@ -636,9 +650,10 @@ def validate_hops_documents(documents: Sequence[HopsDocument]) -> None:
         if doc.role != "distractor":
             first = defined.setdefault(doc.func, doc)
             if (first.role, first.constant, first.wraps) != (doc.role, doc.constant, doc.wraps):
-                raise ValueError(f"documents[{i}] (uid={doc.uid!r}) says func={doc.func!r} has role={doc.role!r}, "
-                                 f"constant={doc.constant!r}, wraps={doc.wraps!r}; document {first.uid!r} says "
-                                 f"{first.role!r}, {first.constant!r}, {first.wraps!r}: expected one definition")
+                raise ValueError(f"documents[{i}] (uid={doc.uid!r}) says func={doc.func!r} has "
+                                 f"role={doc.role!r}, constant={doc.constant!r}, wraps={doc.wraps!r}; "
+                                 f"document {first.uid!r} says {first.role!r}, {first.constant!r}, "
+                                 f"{first.wraps!r}: expected one definition")
     for token, doc in defined.items():
         if doc.wraps is None:
             continue
@@ -647,11 +662,13 @@ def validate_hops_documents(documents: Sequence[HopsDocument]) -> None:
             raise ValueError(f"wrapper func={token!r} (uid={doc.uid!r}) wraps {doc.wraps!r}, which has no "
                              "constant or identity documents: expected its base in the corpus")
         if callee.constant != doc.constant:
-            raise ValueError(f"wrapper func={token!r} has constant={doc.constant!r} but the function it wraps, "
-                             f"{doc.wraps!r}, has constant={callee.constant!r}: expected the same value")
+            raise ValueError(f"wrapper func={token!r} has constant={doc.constant!r} but the function it "
+                             f"wraps, {doc.wraps!r}, has constant={callee.constant!r}: expected the same "
+                             "value")
         if doc.hop_depth != callee.hop_depth + 1:
-            raise ValueError(f"wrapper func={token!r} has hop_depth={doc.hop_depth} but wraps {doc.wraps!r} at "
-                             f"hop_depth={callee.hop_depth}: expected {callee.hop_depth + 1}")
+            raise ValueError(f"wrapper func={token!r} has hop_depth={doc.hop_depth} but wraps "
+                             f"{doc.wraps!r} at hop_depth={callee.hop_depth}: expected "
+                             f"{callee.hop_depth + 1}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -689,7 +706,8 @@ def hops_queries(functions: Sequence[HopsFunction], inputs: Sequence[int] = rang
                          f"{sorted({f.hop_depth for f in functions})}")
     template = PROMPT_FORMATS[prompt_format]
     return [HopsQuery(uid=f"q-{_slug(f.token)}-{x}", prompt=template.format(F=f.token, x=x),
-                      completion=str(f.constant), func=f.token, hop_depth=f.hop_depth, constant=f.constant, input=x)
+                      completion=str(f.constant), func=f.token, hop_depth=f.hop_depth,
+                      constant=f.constant, input=x)
             for f in chosen for x in inputs]
 
 
