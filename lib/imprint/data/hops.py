@@ -205,7 +205,7 @@ class HopsFunction:
 @dataclass(frozen=True)
 class HopsDocument:
     """One training document with the anchor's fields; ``wraps`` names the function an identity document's
-    function calls, ``template`` the template and fill it was written from (empty when read from a file)."""
+    function calls, ``template`` the template it was written from (``type/index``; empty when read)."""
 
     uid: str
     text: str
