@@ -1,4 +1,5 @@
-"""The built book in headless Chromium: every chapter loads, figures render, internal links resolve.
+"""The built book in headless Chromium: every chapter loads, figures render, internal links resolve, the
+maths typesets (no TeX error, no MathJax file that failed to load) and the console logs no error.
 
 Run after the book is built (``make run`` or ``python -m imprint book``); ``IMPRINT_BOOK`` picks the
 profile (default ``ci``).
@@ -8,6 +9,7 @@ import functools
 import http.server
 import os
 import threading
+import time
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
 
 import pytest
@@ -16,6 +18,17 @@ import yaml
 from imprint.runtime.provenance import repo_root
 
 pytestmark = pytest.mark.e2e
+# Runs before any page script: MathJax 2 reads window.MathJax as its configuration and calls AuthorInit,
+# where hooks record TeX errors, files that failed to load and the end of typesetting.
+MATHJAX_HOOKS = """
+window.__mathjax = {errors: [], done: false};
+window.MathJax = {AuthorInit: function () {
+  MathJax.Hub.Register.MessageHook("TeX Jax - parse error", function (m) { window.__mathjax.errors.push("TeX: " + m[1]); });
+  MathJax.Hub.Register.MessageHook("Math Processing Error", function (m) { window.__mathjax.errors.push("Math Processing Error: " + m[2]); });
+  MathJax.Hub.Register.MessageHook("file load error", function (m) { window.__mathjax.errors.push("File failed to load: " + m[1]); });
+  MathJax.Hub.Register.StartupHook("End", function () { MathJax.Hub.Queue(function () { window.__mathjax.done = true; }); });
+}};
+"""
 PROFILE = os.environ.get("IMPRINT_BOOK", "ci")
 BOOK = repo_root() / "_build" / "book" / PROFILE
 HTML = BOOK / "_build" / "html"
@@ -44,13 +57,38 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")), options=options)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": MATHJAX_HOOKS})
     yield driver
     driver.quit()
+
+
+def _typeset_problems(browser, timeout: float = 60.0) -> list[str]:
+    """Waits for MathJax (on pages that load it) and returns its errors and the page's error text."""
+    deadline = time.monotonic() + timeout
+    while browser.execute_script("return !!(window.MathJax && window.MathJax.Hub) && !window.__mathjax.done"):
+        if time.monotonic() > deadline:
+            return [f"MathJax did not finish typesetting within {timeout:.0f} s"]
+        time.sleep(0.2)
+    problems = list(browser.execute_script("return window.__mathjax ? window.__mathjax.errors : []"))
+    text = browser.execute_script("return document.body.innerText")
+    problems += [f"page shows {marker!r}" for marker in ("Math Processing Error", "File failed to load")
+                 if marker in text]
+    problems += [f"TeX error shown: {e}" for e in browser.execute_script(
+        "return Array.from(document.querySelectorAll('.MathJax .merror, .MathJax_Error, mjx-merror'))"
+        ".map(e => e.getAttribute('title') || e.textContent)")]
+    return problems
+
+
+def _console_errors(browser) -> list[str]:
+    """SEVERE console entries, less the browser's own request for /favicon.ico (the book has none)."""
+    return [entry["message"] for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE" and "/favicon.ico " not in entry["message"]]
 
 
 def _is_chapter(page: str) -> bool:
@@ -59,7 +97,12 @@ def _is_chapter(page: str) -> bool:
 
 @pytest.mark.parametrize("page", _pages() if (BOOK / "src" / "_toc.yml").is_file() else ["index.html"])
 def test_page_loads_with_figures_and_working_links(server, browser, page):
+    browser.get_log("browser")  # drop what earlier pages logged
     browser.get(urljoin(server, page))
+    problems = _typeset_problems(browser)
+    assert not problems, f"{page}: the maths did not typeset cleanly: {problems}"
+    errors = _console_errors(browser)
+    assert not errors, f"{page}: the browser console logged errors: {errors}"
     title = browser.execute_script("const h = document.querySelector('article h1'); return h ? h.textContent : ''")
     assert title.strip(), f"{page}: no title"
     errors = browser.find_elements("css selector", "main .output.traceback, main .ansi-red-fg")

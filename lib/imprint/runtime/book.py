@@ -133,6 +133,10 @@ def local_mathjax() -> Path | None:
 def _config(root: Path, src: Path) -> dict:
     """The project's _config.yml, pointed at a local MathJax when one is installed (else the CDN)."""
     config = yaml.safe_load((root / "_config.yml").read_text())
+    sphinx = config.setdefault("sphinx", {})
+    sphinx["extra_extensions"] = [*sphinx.get("extra_extensions", []), "imprint.runtime.book_extension"]
+    # without a default mode the theme logs "invalid theme mode" to the console on a first visit
+    sphinx.setdefault("config", {}).setdefault("html_context", {}).setdefault("default_mode", "light")
     mathjax = local_mathjax()
     if mathjax is not None:
         # an extra path, not _static: Jupyter Book adds a script tag for every .js file in _static
@@ -143,8 +147,20 @@ def _config(root: Path, src: Path) -> dict:
         # MathJax 2 reads its own configuration; the version-3 object would replace it
         sphinx["mathjax3_config"] = None
         sphinx["myst_update_mathjax"] = False
+        # the package ships the STIX-Web fonts only; MathJax's default TeX fonts would fail to load
         sphinx["mathjax2_config"] = {"tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
-                                                 "processEscapes": True}}
+                                                 "processEscapes": True},
+                                     "HTML-CSS": {"availableFonts": ["STIX-Web"], "preferredFont": "STIX-Web",
+                                                  "webFont": "STIX-Web", "imageFont": None,
+                                                  # MathJax's blank font points at about:blank, which
+                                                  # Chromium refuses to load (a console error)
+                                                  "styles": {"@font-face": {"font-family": "MathJax_Blank",
+                                                                            "src": "local('MathJax_Blank')"}}},
+                                     # HTML-CSS everywhere; the hidden MathML copy for screen readers
+                                     # keeps the browser's own fonts instead of the TeX web fonts
+                                     "MMLorHTML": {"prefer": "HTML"},
+                                     "NativeMML": {"styles": {f"@font-face /*{i}*/": {"src": "local('serif')"}
+                                                              for i in range(1, 7)}}}
     return config
 
 
