@@ -23,20 +23,22 @@ run: setup  ## the main job: every notebook's ci profile, then the ci book
 record: setup  ## the book of record, from the committed full-profile notebooks (executes nothing)
 	$(PY) -m imprint book --profile full
 
+# The tests never touch what `make run` made (results/*/ci, _build/notebooks/ci, _build/book/ci): the
+# notebooks run under nbmake as their own profile, nbmake, and the browser tests read its book.
 test: setup browser  ## every test: units, notebooks under nbmake, the books in Chromium
 	$(PY) -m pytest -q tests/unit tests/notebooks
 	$(MAKE) --no-print-directory notebooks
-	$(PY) -m imprint book --profile ci
+	$(PY) -m imprint book --profile nbmake
 	$(PY) -m imprint book --profile full
-	IMPRINT_BOOK=ci $(PY) -m pytest -q tests/e2e
+	IMPRINT_BOOK=nbmake $(PY) -m pytest -q tests/e2e
 	IMPRINT_BOOK=full $(PY) -m pytest -q tests/e2e
 
-notebooks: setup  ## every notebook's ci profile under nbmake; executed copies kept for the ci book
-	rm -rf _nbmake _build/notebooks/ci results/*/ci
-	$(PY) -m imprint export --to _nbmake/ci
-	IMPRINT_PROFILE=ci HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-	  $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite --nbmake-timeout=900 _nbmake/ci
-	mkdir -p _build/notebooks/ci && cp _nbmake/ci/*.ipynb _build/notebooks/ci/
+notebooks: setup  ## every notebook's ci defaults under nbmake, as profile nbmake; executed copies kept for its book
+	rm -rf _nbmake _build/notebooks/nbmake results/*/nbmake
+	$(PY) -m imprint export --to _nbmake/nbmake
+	IMPRINT_PROFILE=nbmake HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite --nbmake-timeout=900 _nbmake/nbmake
+	mkdir -p _build/notebooks/nbmake && cp _nbmake/nbmake/*.ipynb _build/notebooks/nbmake/
 
 browser:  ## headless Chromium and its driver for the end-to-end tests (Debian packages)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \

@@ -80,7 +80,7 @@ def _typeset_problems(browser, timeout: float = 60.0) -> list[str]:
     problems += [f"page shows {marker!r}" for marker in ("Math Processing Error", "File failed to load")
                  if marker in text]
     problems += [f"TeX error shown: {e}" for e in browser.execute_script(
-        "return Array.from(document.querySelectorAll('.MathJax .merror, .MathJax_Error, mjx-merror'))"
+        "return Array.from(document.querySelectorAll('.MathJax .merror, .MathJax_Error, .noError, mjx-merror'))"
         ".map(e => e.getAttribute('title') || e.textContent)")]
     return problems
 
