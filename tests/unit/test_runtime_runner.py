@@ -62,3 +62,55 @@ def test_book_takes_prose_from_the_source_only_when_the_code_is_unchanged(projec
     executed = nbformat.read(paths.executed, as_version=4)
     unchanged = refresh_prose(executed, read_notebook(source_path))
     assert "revised" not in unchanged.cells[0].source
+
+
+def test_a_failed_rerun_keeps_its_partial_copy_beside_the_last_good_one(project):
+    run = resolve_run("99_toy", overrides={"name": "b"}, root=project)
+    good = execute(run, root=project, progress=False)
+    assert good.executed.is_file() and not good.partial.exists()
+    before = good.executed.read_bytes()
+    source = project / "notebooks" / "99_toy.md"
+    source.write_text(source.read_text().replace('if name == "boom":', 'if name == "b":'))
+    with pytest.raises(NotebookFailed) as err:
+        execute(run, root=project, progress=False)
+    assert err.value.partial == good.partial and good.partial.name == "99_toy.partial.ipynb"
+    assert good.partial.is_file() and good.executed.read_bytes() == before
+
+
+def test_ctrl_c_ends_with_one_line_on_how_to_resume_and_keeps_the_good_copy(project):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from imprint.runtime.provenance import repo_root
+    from imprint.runtime.runner import run_paths
+
+    source = project / "notebooks" / "99_toy.md"
+    source.write_text(source.read_text().replace('if name == "boom":', 'if name == "slow":\n    import time; time.sleep(600)\nif name == "boom":'))
+    run = resolve_run("99_toy", overrides={"name": "slow"}, root=project)
+    paths = run_paths(run, project)
+    paths.executed.parent.mkdir(parents=True)
+    paths.executed.write_text("the last good executed copy")
+    env = dict(os.environ, IMPRINT_ROOT=str(project), PYTHONPATH=str(repo_root() / "lib"))
+    proc = subprocess.Popen([sys.executable, "-m", "imprint", "run", "99_toy", "-p", "name=slow"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(1200):  # papermill writes the partial copy when the kernel has started
+            if paths.partial.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert paths.partial.exists(), proc.communicate()
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("99_toy [") and "interrupted" in lines[0]
+    assert "run `python -m imprint run 99_toy -p name=slow` again to resume" in lines[0]
+    assert paths.executed.read_text() == "the last good executed copy" and paths.partial.is_file()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -134,3 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # one line, no traceback: what stopped and how to go on
+        command = "python -m imprint " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"{err or 'interrupted'}; run `{command}` again to resume from its checkpoints", file=sys.stderr)
+        return 130

@@ -4,8 +4,10 @@ Every run writes its executed copy to ``_build/notebooks/<label>/``. A successfu
 profile (``full``, or a ``full_*`` variant) is then promoted: its metrics are copied to
 ``book/metrics/<notebook>.json`` (``<notebook>.<profile>.json`` for a variant) and, for ``full``, the
 executed notebook to ``book/notebooks/`` as the chapter's page. A failed or interrupted run therefore
-never replaces the record. A failing notebook
-keeps its partial executed copy, and the error names the failing cell.
+never replaces the record. Papermill writes into ``<notebook>.partial.ipynb`` beside the executed copy,
+which is replaced (by a rename) only when the run succeeds: a failing or interrupted notebook keeps its
+partial copy under that name, the last good executed copy stays untouched, and the error names the
+failing cell.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class NotebookFailed(RuntimeError):
         self.partial = partial
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message names the notebook and where its partial copy is."""
+
+    def __init__(self, message: str, partial: Path | None):
+        super().__init__(message)
+        self.partial = partial
+
+
 @dataclass(frozen=True)
 class RunPaths:
     executed: Path  # where papermill writes
@@ -52,6 +62,11 @@ class RunPaths:
     @property
     def metrics(self) -> Path:  # noqa: D102
         return self.results / "metrics.json"
+
+    @property
+    def partial(self) -> Path:
+        """Where papermill writes while the notebook runs; renamed over ``executed`` on success."""
+        return self.executed.with_name(f"{self.executed.stem}.partial.ipynb")
 
 
 def is_record(label: str) -> bool:
@@ -109,21 +124,26 @@ def execute(run: ResolvedRun, timeout: float | None = None, log_output: bool = F
         nbformat.write(nb, source_nb)
         params_file = Path(tmp) / "parameters.yaml"
         params_file.write_text(yaml.safe_dump(run.injected))
-        cmd = [sys.executable, "-m", "papermill", str(source_nb), str(paths.executed), "-f", str(params_file),
+        cmd = [sys.executable, "-m", "papermill", str(source_nb), str(paths.partial), "-f", str(params_file),
                "--cwd", str(run.spec.source.parent), "-k", "python3",
                "--progress-bar" if progress else "--no-progress-bar"]
         if log_output:
             cmd.append("--log-output")
         started = time.monotonic()
+        paths.partial.unlink(missing_ok=True)
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=not log_output, text=True)
             failed = proc.returncode != 0
             reason = f"papermill exited with status {proc.returncode}"
         except subprocess.TimeoutExpired:
             failed, reason = True, f"timed out after {timeout:.0f} s"
+        except KeyboardInterrupt:  # subprocess.run has stopped papermill
+            partial = paths.partial if paths.partial.exists() else None
+            raise RunInterrupted(f"{run.spec.name} [{run.label}] interrupted"
+                                 + (f"; partial executed notebook: {partial}" if partial else ""), partial) from None
         wall = time.monotonic() - started
 
-    partial = paths.executed if paths.executed.exists() else None
+    partial = paths.partial if paths.partial.exists() else None
     if failed:
         where = first_error(nbformat.read(partial, as_version=4)) if partial else "no executed copy was written"
         raise NotebookFailed(f"{run.spec.name} [{run.label}] failed: {reason}; {where}"
@@ -153,10 +173,11 @@ def _record_provenance(run: ResolvedRun, paths: RunPaths, wall: float, root: Pat
     metrics.update(record)
     atomic_write_json(paths.metrics, metrics)
 
-    nb = nbformat.read(paths.executed, as_version=4)
+    nb = nbformat.read(paths.partial, as_version=4)
     nb.metadata["imprint"] = record
     with atomic_path(paths.executed) as tmp:
         nbformat.write(nb, tmp)
+    paths.partial.unlink()
     if paths.record is not None:
         with atomic_path(paths.record) as tmp:
             shutil.copyfile(paths.executed, tmp)
