@@ -96,7 +96,8 @@ def _cmd_sweep(args) -> int:
         summary = run_sweep(args.notebook, args.profile, grid, client=client, timeout=args.timeout)
     finally:
         client.close()
-    print(f"{summary['ran']} run, {summary['skipped']} already done, {len(summary['failed'])} failed")
+    print(f"{summary['ran']} run, {summary['skipped']} already done, {len(summary['failed'])} failed; "
+          f"table: {summary['table']}")
     for failure in summary["failed"]:
         print(f"failed {failure['overrides']}:\n{failure['error']}", file=sys.stderr)
     return 1 if summary["failed"] else 0
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep = sub.add_parser("sweep", help="run a notebook over a grid of parameters with Dask (resumable)")
     p_sweep.add_argument("notebook")
     p_sweep.add_argument("--profile", default=CI)
-    p_sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2", help="values of one parameter")
+    p_sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                         help="values of one parameter: V1,V2 or [V1, V2]; V1;V2 for lists, e.g. widths=[4];[8, 8]")
     p_sweep.add_argument("--workers", type=int, default=1)
     p_sweep.add_argument("--scheduler", default="local", choices=["local", "slurm", "lsf"])
     p_sweep.add_argument("--timeout", type=float, default=None, help="seconds per notebook")
