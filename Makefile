@@ -44,11 +44,9 @@ browser:  ## headless Chromium and its driver for the end-to-end tests (Debian p
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-lab: setup  ## JupyterLab on 127.0.0.1 (on a cluster node: prints the SSH tunnel to paste)
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[lab]"
-	@port=$${PORT:-8888}; host=$$(hostname); \
-	  echo "On your laptop: ssh -N -L $$port:127.0.0.1:$$port $$USER@$$host   then open the URL below"; \
-	  $(PY) -m jupyter lab --no-browser --ip=127.0.0.1 --port=$$port notebooks
+lab: setup  ## JupyterLab on 127.0.0.1 with a token, prints the SSH tunnel; ARGS="--scheduler lsf --gpus 1 ..." submits it
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -c constraints-cpu.txt -e ".[lab]"
+	$(PY) -m imprint lab --port $${PORT:-8888} $(ARGS)
 
 clean:  ## remove built books, executed ci notebooks and ci results (keeps the record and .venv)
 	rm -rf _build _nbmake results

@@ -1,4 +1,4 @@
-"""Command line: ``python -m imprint list | run | book``.
+"""Command line: ``python -m imprint list | run | book | export | sweep | lab``.
 
     python -m imprint list
     python -m imprint run                         # every notebook, ci profile
@@ -7,6 +7,8 @@
     python -m imprint book --profile ci           # prints the path of index.html
     python -m imprint export --to _build/notebooks/ci   # .ipynb copies (no outputs), e.g. for nbmake
     python -m imprint sweep 00 --grid n_train=50,100 --grid lr=0.1,0.5 --workers 2   # resumable
+    python -m imprint lab                                # JupyterLab on 127.0.0.1, prints the SSH tunnel
+    python -m imprint lab --scheduler lsf --queue interactive-gpu --gpus 1 --memory 32GB --dry-run
 """
 
 from __future__ import annotations
@@ -87,11 +89,51 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cluster_options(args):
+    """The batch-job options of ``lab`` and ``sweep``, or None for a local run."""
+    from imprint.runtime.lab import ClusterOptions
+
+    if args.scheduler in (None, "local"):
+        return None
+    try:
+        return ClusterOptions(args.scheduler, args.queue, args.gpus, args.memory, args.cores, args.walltime,
+                              args.account, tuple(args.job_extra))
+    except ValueError as err:
+        raise ParameterError(str(err)) from None
+
+
+def _add_cluster_arguments(parser) -> None:
+    group = parser.add_argument_group("batch job (else from jobqueue.<scheduler> in ~/.config/dask/jobqueue.yaml)")
+    group.add_argument("--queue", help="queue (LSF) or partition (SLURM)")
+    group.add_argument("--gpus", type=int, default=0, help="GPUs per job")
+    group.add_argument("--memory", help="memory per job, e.g. 32GB")
+    group.add_argument("--cores", type=int, help="cores per job")
+    group.add_argument("--walltime", help="time limit, e.g. 04:00:00 (SLURM) or 04:00 (LSF)")
+    group.add_argument("--account", help="account (SLURM) or project (LSF) to charge")
+    group.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
+                       help="an extra scheduler directive, e.g. --job-extra=--constraint=h100")
+
+
+def _cmd_lab(args) -> int:
+    from imprint.runtime.lab import run_lab
+
+    options = _cluster_options(args)
+    try:
+        return run_lab(args.port, options=options, dry_run=args.dry_run, wait=args.wait)
+    except ValueError as err:
+        raise ParameterError(str(err)) from None
+
+
 def _cmd_sweep(args) -> int:
     from imprint.runtime.sweep import make_client, parse_grid, run_sweep
 
     grid = parse_grid(args.grid)
-    client = make_client(args.scheduler, args.workers)
+    options = _cluster_options(args)
+    try:
+        cluster_kwargs = options.jobqueue_kwargs() if options else {}
+    except ValueError as err:
+        raise ParameterError(str(err)) from None
+    client = make_client(args.scheduler, args.workers, **cluster_kwargs)
     try:
         summary = run_sweep(args.notebook, args.profile, grid, client=client, timeout=args.timeout)
     finally:
@@ -130,10 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--workers", type=int, default=1)
     p_sweep.add_argument("--scheduler", default="local", choices=["local", "slurm", "lsf"])
     p_sweep.add_argument("--timeout", type=float, default=None, help="seconds per notebook")
+    _add_cluster_arguments(p_sweep)
+    p_lab = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 with a token, here or as a SLURM/LSF job")
+    p_lab.add_argument("--port", type=int, default=8888)
+    p_lab.add_argument("--scheduler", default=None, choices=["slurm", "lsf"], help="submit as a batch job")
+    p_lab.add_argument("--dry-run", action="store_true", help="print the job script (or command) only")
+    p_lab.add_argument("--wait", type=float, default=3600.0, help="seconds to wait for the job's node")
+    _add_cluster_arguments(p_lab)
     args = parser.parse_args(argv)
     try:
         return {"list": _cmd_list, "run": _cmd_run, "book": _cmd_book, "export": _cmd_export,
-                "sweep": _cmd_sweep}[args.command](args)
+                "sweep": _cmd_sweep, "lab": _cmd_lab}[args.command](args)
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
