@@ -133,5 +133,11 @@ def test_page_loads_with_figures_and_working_links(server, browser, page):
 def test_synthesis_lists_every_executed_notebook(server, browser):
     browser.get(urljoin(server, "synthesis.html"))
     text = browser.find_element("css selector", "main").text
-    for nb in (BOOK / "src" / "notebooks").glob("*.ipynb"):
+    links = browser.execute_script("return Array.from(document.querySelectorAll('main a[href]')).map(a => a.href)")
+    executed = list((BOOK / "src" / "notebooks").glob("*.ipynb"))
+    for nb in executed:
         assert nb.stem in text, f"synthesis page lacks {nb.stem}"
+        assert any(href.endswith(f"/{nb.stem}.json") for href in links), f"no link to {nb.stem}'s full metrics"
+    rows = browser.execute_script("return Array.from(document.querySelectorAll('main table'))"
+                                  ".map(t => t.querySelectorAll('tbody tr').length)")
+    assert all(n <= 8 for n in rows), f"the synthesis tables have {rows} rows: headline numbers only (at most 8)"

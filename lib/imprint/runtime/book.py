@@ -50,20 +50,40 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def headline_rows(metrics: dict) -> list[tuple[str, str]]:
-    """Scalar entries of the ``metrics`` map (lists and maps stay in metrics.json)."""
+def headline_rows(metrics: dict, chosen: list[str] | None = None) -> list[tuple[str, str]]:
+    """The chosen metrics (the params file's ``headline`` list) that the run wrote, in that order; without
+    a choice, every scalar entry (lists and maps stay in metrics.json)."""
+    if chosen:
+        return [(k, _fmt(metrics[k])) for k in chosen if k in metrics]
     return [(k, _fmt(v)) for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None]
 
 
-def metrics_table(files: dict[str, Path]) -> str:
+def _headline(name: str, root: Path) -> list[str]:
+    """The headline list of the notebook a metrics entry belongs to (``00_x [full_y]`` -> ``00_x``)."""
+    from imprint.runtime.params import load_spec
+
+    try:
+        return load_spec(name.split(" ", 1)[0], root).headline()
+    except ValueError:  # no such notebook any more: show everything
+        return []
+
+
+def metrics_table(files: dict[str, Path], src: Path | None = None, root: Path | None = None) -> str:
+    """Each notebook's headline numbers; with ``src``, its whole metrics.json is copied there and linked."""
     if not files:
         return "*No notebook of this profile has been executed yet.*\n"
     lines = []
     for name, path in files.items():
-        record = json.loads(path.read_text())
+        metrics = json.loads(path.read_text()).get("metrics", {})
         lines += [f"### `{name}`", "", "| metric | value |", "|---|---|"]
-        lines += [f"| `{k}` | {v} |" for k, v in headline_rows(record.get("metrics", {}))]
+        lines += [f"| `{k}` | {v} |" for k, v in headline_rows(metrics, _headline(name, root or repo_root()))]
         lines.append("")
+        if src is not None:
+            target = src / "metrics" / f"{path.parent.parent.name if path.name == 'metrics.json' else path.stem}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            lines += [f"All {len(metrics):,} metrics of the run, with its parameters and provenance: "
+                      f"{{download}}`{target.name} <metrics/{target.name}>`.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +205,7 @@ def stage(profile: str, root: Path | None = None) -> Path:
     atomic_write_text(src / "_toc.yml", yaml.safe_dump(toc, sort_keys=False))
     atomic_write_text(src / "_config.yml", yaml.safe_dump(_config(root, src), sort_keys=False))
     files = metrics_files(profile, root)
-    for page, marker, text in (("synthesis.md", METRICS_MARKER, metrics_table(files)),
+    for page, marker, text in (("synthesis.md", METRICS_MARKER, metrics_table(files, src, root)),
                                ("reproducibility.md", PROVENANCE_MARKER, provenance_table(files)),
                                ("reproducibility.md", ENVIRONMENT_MARKER, environment_table())):
         path = src / page
