@@ -10,7 +10,7 @@ import dask
 import pytest
 
 from imprint.runtime.cli import main
-from imprint.runtime.lab import ClusterOptions, LabJob, lab_command, run_lab, tunnel_command, user_name
+from imprint.runtime.lab import ClusterOptions, LabJob, host_name, lab_command, run_lab, tunnel_command, user_name
 
 
 def _job(tmp_path, options):
@@ -106,7 +106,7 @@ def test_submit_waits_for_the_node_and_prints_the_two_hop_tunnel(tmp_path, monke
     assert run_lab(8891, options=ClusterOptions("slurm", memory="4GB"), wait=60.0, out=out) == 0
     text = out.getvalue()
     assert "submitted job 4242" in text
-    assert f"ssh -N -L 8891:127.0.0.1:8891 -J ada@{socket.getfqdn()} ada@{socket.gethostname()}" in text
+    assert f"ssh -N -L 8891:127.0.0.1:8891 -J ada@{host_name()} ada@{socket.gethostname()}" in text
     scripts = list((project / "_build" / "lab").glob("*.sh"))
     assert len(scripts) == 1 and stat.S_IMODE(scripts[0].stat().st_mode) == 0o600
 

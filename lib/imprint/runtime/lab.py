@@ -88,6 +88,12 @@ def user_name() -> str:
         return subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def host_name() -> str:
+    """This machine's name as a laptop would reach it: the FQDN, unless that is only localhost."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.startswith("localhost") else fqdn
+
+
 def tunnel_command(port: int, node: str, login: str | None = None, user: str | None = None) -> str:
     """``ssh -N -L port:127.0.0.1:port [-J user@login] user@node``: one hop, or two through a login node."""
     user = user or user_name()
@@ -184,7 +190,7 @@ def run_lab(port: int = 8888, notebook_dir: Path | None = None, options: Cluster
             print(" ".join(shlex.quote(a) for a in cmd), file=out)
             return 0
         token = secrets.token_hex(24)
-        print(f"On your laptop: {tunnel_command(port, socket.getfqdn())}", file=out)
+        print(f"On your laptop: {tunnel_command(port, host_name())}", file=out)
         print(f"then open http://127.0.0.1:{port}/lab?token={token}", file=out, flush=True)
         return subprocess.call(cmd, env=dict(os.environ, JUPYTER_TOKEN=token))
     job = new_job(options, port, notebook_dir)
@@ -194,7 +200,7 @@ def run_lab(port: int = 8888, notebook_dir: Path | None = None, options: Cluster
     job_id = submit(job, job.host_file.with_suffix(".sh"))
     print(f"submitted job {job_id}; waiting for its node (Ctrl-C stops waiting, not the job)", file=out, flush=True)
     node = wait_for_node(job.host_file, wait)
-    print(f"On your laptop: {tunnel_command(port, node, login=socket.getfqdn())}", file=out)
+    print(f"On your laptop: {tunnel_command(port, node, login=host_name())}", file=out)
     print(f"then open http://127.0.0.1:{port}/lab?token={job.token}", file=out)
     return 0
 
