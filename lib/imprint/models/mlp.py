@@ -238,8 +238,11 @@ def _validate_data(x: Tensor, targets: Tensor, loss: str) -> None:
 def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
                device: torch.device | str = "cpu", seeds: Sequence[int] | None = None,
                checkpoint_dir: str | Path | None = None, n_classes: int | None = None,
-               progress: bool = True) -> TrainResult:
+               progress: bool = True, initial_weights: Sequence[Tensor] | None = None) -> TrainResult:
     """Train ``S = x.shape[0]`` bias-free MLPs by full-batch GD, one per row of ``x`` / ``targets``.
+
+    ``initial_weights`` (stacked ``[S, out, in]`` per layer) starts every network from given weights
+    instead of :func:`init_weights` of its seed: fine-tuning a pretrained network (chapter 05).
 
     With ``checkpoint_dir`` the weights and history are saved every ``checkpoint_every`` steps, and a
     restarted call continues from the last valid checkpoint at or before ``config.steps``, producing the
@@ -258,9 +261,19 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
     x = x.to(device, dtype)
     targets = targets.to(device, dtype if config.loss == "logistic" else torch.int64)
 
+    run_key = _config_key(config, seeds, tuple(x.shape))
+    if initial_weights is not None:
+        expected = [(n_models, b, a) for a, b in zip([d_in, *config.widths], [*config.widths, d_out])]
+        found = [tuple(w.shape) for w in initial_weights]
+        if found != expected:
+            raise ValueError(f"initial_weights has layer shapes {found}: expected {expected} (one stack of "
+                             f"[out, in] per layer, one network per row of x)")
+        from imprint.reconstruction.extraction import _weights_digest
+
+        run_key["initial_weights"] = _weights_digest(initial_weights)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state = ckpt.latest(max_unit=config.steps) if ckpt else None
-    if state is not None and state.meta.get("config") != _config_key(config, seeds, tuple(x.shape)):
+    if state is not None and state.meta.get("config") != run_key:
         raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with another configuration "
                          f"({state.meta.get('config')}); use a fresh folder")
     if state is not None:
@@ -269,7 +282,8 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
         logged = [state.tensors["history"].to(device, dtype)] if "history" in state.tensors else []
         steps_logged = state.tensors["history_step"].tolist() if "history_step" in state.tensors else []
     else:
-        weights = [w.to(device) for w in init_weights(d_in, d_out, config, seeds, dtype)]
+        weights = ([w.detach().to(device, dtype).clone() for w in initial_weights] if initial_weights is not None
+                   else [w.to(device) for w in init_weights(d_in, d_out, config, seeds, dtype)])
         start, logged, steps_logged = 0, [], []
         logged.append(_log_stats(weights, x, targets, config.loss).unsqueeze(0))
         steps_logged.append(0)
@@ -288,7 +302,7 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
             history = torch.cat(logged)
             tensors = {f"w{i}": w for i, w in enumerate(weights)}
             tensors.update(history=history, history_step=torch.tensor(steps_logged))
-            ckpt.save(step, tensors, {"config": _config_key(config, seeds, tuple(x.shape))})
+            ckpt.save(step, tensors, {"config": run_key})
             logged = [history]
     bar.close()
     history = torch.cat(logged).detach().cpu()  # one host synchronisation, at the end

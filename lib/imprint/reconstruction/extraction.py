@@ -34,6 +34,89 @@ from imprint.runtime.checks import require_choice, require_float, require_int
 HYPERPARAMETERS = ("init_scale", "lr_x", "lr_lambda", "lambda_min", "alpha")
 
 
+class StationaritySystem:
+    """The equations an extraction inverts: what the attacker holds, and the residual that candidates
+    ``x`` and multipliers ``lam`` leave in them (one value per configuration).
+
+    Subclasses hold their tensors either shared by every configuration or stacked ``[K, ...]``, one
+    network per configuration; :meth:`stack` builds the stacked form of several named networks, each
+    repeated for the K configurations of a search.
+    """
+
+    @property
+    def d_in(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def d_out(self) -> int:
+        raise NotImplementedError
+
+    def check(self, n_configs: int | None = None) -> None:
+        """Raise ``ValueError`` when the tensors do not form one network (or one per configuration)."""
+        raise NotImplementedError
+
+    def signature(self) -> list:
+        """Shapes that must agree between networks attacked in one batch."""
+        raise NotImplementedError
+
+    def digest_tensors(self) -> list[Tensor]:
+        """The tensors that identify the attacked network in a checkpoint's key."""
+        raise NotImplementedError
+
+    def to(self, device, dtype) -> "StationaritySystem":
+        raise NotImplementedError
+
+    def loss(self, x: Float[Tensor, "k m d"], lam: Tensor, y: Tensor, alpha: Float[Tensor, " k"],
+             form: KKTForm) -> Float[Tensor, " k"]:
+        raise NotImplementedError
+
+    @classmethod
+    def stack(cls, systems: Sequence["StationaritySystem"], repeats: int, device, dtype) -> "StationaritySystem":
+        raise NotImplementedError
+
+
+class FullWeights(StationaritySystem):
+    """``theta = (1/m) sum_j lam_j y_j grad_theta Phi(x_j)``: the trained weights themselves are the
+    left-hand side (chapters 01 and 02)."""
+
+    def __init__(self, weights: Sequence[Tensor]):
+        self.weights = list(weights)
+
+    @property
+    def d_in(self) -> int:
+        return self.weights[0].shape[-1]
+
+    @property
+    def d_out(self) -> int:
+        return self.weights[-1].shape[-2]
+
+    def check(self, n_configs: int | None = None) -> None:
+        check_weights(self.weights, n_configs=n_configs)
+
+    def signature(self) -> list:
+        return [tuple(w.shape) for w in self.weights]
+
+    def digest_tensors(self) -> list[Tensor]:
+        return self.weights
+
+    def to(self, device, dtype) -> "FullWeights":
+        return FullWeights([w.detach().to(device, dtype) for w in self.weights])
+
+    def loss(self, x, lam, y, alpha, form):
+        return kkt_stationarity_loss(self.weights, x, lam, y, alpha, form)
+
+    @classmethod
+    def stack(cls, systems, repeats, device, dtype) -> "FullWeights":
+        depth = len(systems[0].weights)
+        return cls([torch.cat([s.weights[i].detach().to(device, dtype).unsqueeze(0).expand(repeats, -1, -1)
+                               for s in systems]) for i in range(depth)])
+
+
+def as_system(weights) -> StationaritySystem:
+    """A :class:`StationaritySystem` as it is, or a list of weight matrices as :class:`FullWeights`."""
+    return weights if isinstance(weights, StationaritySystem) else FullWeights(weights)
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     """Settings shared by every configuration of one extraction run."""
@@ -205,14 +288,15 @@ def _run_key(weights, labels, hyper: Hyperparameters, config: ExtractionConfig) 
             "weights": _weights_digest(weights), "labels": labels.tolist()}
 
 
-def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hyperparameters,
+def extract(weights: "Sequence[Tensor] | StationaritySystem", labels: Tensor, n_train: int, hyper: Hyperparameters,
             config: ExtractionConfig, device: torch.device | str = "cpu",
             checkpoint_dir: str | Path | None = None, progress: bool = True,
             box: tuple[Tensor, Tensor] | None = None) -> ExtractionResult:
     """Run the attack on the trained ``weights`` for every configuration.
 
     ``weights`` holds one ``[out, in]`` matrix per layer (one network attacked by every configuration), or
-    ``[K, out, in]`` stacks (configuration k attacks network k: a search over several networks in one run).
+    ``[K, out, in]`` stacks (configuration k attacks network k: a search over several networks in one run),
+    or is any other :class:`StationaritySystem` (chapter 05's adapters and weight updates).
 
     ``labels`` are the candidates' labels (``candidate_labels``): ``m = len(labels)`` candidates, which
     must be at least the ``n_train`` the attack is after (Haim et al. use ``m = 2 n``). ``box``, a pair of
@@ -223,19 +307,20 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
     """
     from imprint.runtime.checkpoint import Checkpointer
 
-    check_weights(weights, n_configs=len(hyper))
+    system = as_system(weights)
+    system.check(n_configs=len(hyper))
     m = int(labels.shape[0]) if labels.ndim == 1 else -1
     require_int("n_train", n_train, minimum=1)
     if m < n_train:
         raise ValueError(f"n_candidates={m} (len(labels)): expected at least n_train={n_train} candidates, "
                          "one per training sample the attack looks for (m = 2 n is the usual choice)")
-    d_out = weights[-1].shape[-2]
+    d_out = system.d_out
     check_labels(labels, m, d_out, config.form)
     if config.form == "binary" and d_out != 1:
         raise ValueError(f"form='binary' needs one output, the weights have d_out={d_out}")
     device = torch.device(device)
     dtype = config.torch_dtype
-    d = weights[0].shape[-1]
+    d = system.d_in
     k = len(hyper)
 
     if box is not None:
@@ -246,10 +331,10 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
         box_low, box_high = low.to(device, dtype), high.to(device, dtype)
     else:
         box_low, box_high = config.box_low, config.box_high
-    theta = [w.detach().to(device, dtype) for w in weights]
+    equations = system.to(device, dtype)
     y = labels.to(device)
     init_scale, lr_x, lr_lambda, lambda_min, alpha = (hyper.tensor(n, device, dtype) for n in HYPERPARAMETERS)
-    key = _run_key(weights, labels, hyper, config)
+    key = _run_key(system.digest_tensors(), labels, hyper, config)
     if box is not None:
         key["box"] = _weights_digest([box_low.reshape(1, -1), box_high.reshape(1, -1)])
 
@@ -274,7 +359,7 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
     use_lambda_prior = config.form != "general" and config.lambda_weight > 0
 
     def losses(x_: Tensor, lam_: Tensor) -> tuple[Tensor, Tensor]:
-        kkt = kkt_stationarity_loss(theta, x_, lam_, y, alpha, config.form)
+        kkt = equations.loss(x_, lam_, y, alpha, config.form)
         prior = box_prior(x_, box_low, box_high)
         if use_lambda_prior:
             prior = prior + lambda_prior(lam_, lambda_min, config.lambda_weight, y=y)
@@ -334,31 +419,33 @@ def extract(weights: Sequence[Tensor], labels: Tensor, n_train: int, hyper: Hype
                             config, step)
 
 
-def attack_networks(networks: Mapping[str, Sequence[Tensor]], labels: Tensor, n_train: int, hyper: Hyperparameters,
+def attack_networks(networks: "Mapping[str, Sequence[Tensor] | StationaritySystem]", labels: Tensor, n_train: int, hyper: Hyperparameters,
                     config: ExtractionConfig, device: torch.device | str = "cpu",
                     checkpoint_dir: str | Path | None = None, progress: bool = True,
                     box: tuple[Tensor, Tensor] | None = None) -> dict[str, ExtractionResult]:
     """Every configuration of ``hyper`` against every network, as ONE batched optimisation.
 
-    ``networks`` maps a name (the attacked network, its controls) to its weights ``[out, in]`` per layer;
-    all must share the architecture. Configuration k starts from the same candidates on every network
+    ``networks`` maps a name (the attacked network, its controls) to its weights ``[out, in]`` per layer,
+    or to a :class:`StationaritySystem` of one network (all of one kind); all must share the architecture. Configuration k starts from the same candidates on every network
     (its seed), so the networks are compared on equal terms. Returns one result per network.
     """
     names = list(networks)
     if not names:
         raise ValueError("networks is empty: expected at least one named network to attack")
-    depth = len(networks[names[0]])
-    for name in names:
-        check_weights(networks[name])
-        shapes = [tuple(w.shape) for w in networks[name]]
-        if shapes != [tuple(w.shape) for w in networks[names[0]]]:
-            raise ValueError(f"networks[{name!r}] has layer shapes {shapes}: expected the architecture of "
-                             f"networks[{names[0]!r}], {[tuple(w.shape) for w in networks[names[0]]]}")
+    systems = {name: as_system(networks[name]) for name in names}
+    first = systems[names[0]]
+    for name, system in systems.items():
+        if type(system) is not type(first):
+            raise ValueError(f"networks[{name!r}] is a {type(system).__name__}: expected every network to be "
+                             f"a {type(first).__name__}, like networks[{names[0]!r}]")
+        system.check()
+        if system.signature() != first.signature():
+            raise ValueError(f"networks[{name!r}] has layer shapes {system.signature()}: expected the architecture "
+                             f"of networks[{names[0]!r}], {first.signature()}")
     k = len(hyper)
     device = torch.device(device)
-    dtype = networks[names[0]][0].dtype
-    stacked = [torch.cat([networks[name][i].detach().to(device, dtype).unsqueeze(0).expand(k, -1, -1)
-                          for name in names]) for i in range(depth)]
+    dtype = first.digest_tensors()[0].dtype
+    stacked = type(first).stack([systems[name] for name in names], k, device, dtype)
     everything = Hyperparameters.from_rows(hyper.rows() * len(names))
     result = extract(stacked, labels, n_train, everything, config, device=device, checkpoint_dir=checkpoint_dir,
                      progress=progress, box=box)

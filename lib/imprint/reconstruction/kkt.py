@@ -24,7 +24,7 @@ one because it is itself a function of a gradient.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -187,8 +187,8 @@ def check_labels(y: Tensor, m: int, d_out: int, form: KKTForm) -> None:
 
 
 def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], lam: Float[Tensor, "k m *c"],
-                          y: Tensor, alpha: Float[Tensor, " k"], form: KKTForm = "binary"
-                          ) -> Float[Tensor, " k"]:
+                          y: Tensor, alpha: Float[Tensor, " k"], form: KKTForm = "binary",
+                          targets: Mapping[int, Tensor] | None = None) -> Float[Tensor, " k"]:
     """Per-configuration ``sum_layers ||theta - (1/m) grad_theta sum_j w_j(x_j, lam_j)||^2``.
 
     ``weights`` are the trained matrices ``[out, in]`` shared by all configurations, or ``[K, out, in]``, one
@@ -196,6 +196,11 @@ def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], 
     candidate sets, ``lam`` their multipliers, ``y`` the labels shared by the K sets, ``alpha`` the K
     ModifiedReLU sharpnesses. The result is differentiable with respect to ``x`` and ``lam`` (second order
     through the network); the weights are treated as constants.
+
+    ``targets`` (layer index -> ``[out, in]`` or ``[K, out, in]``) replaces theta on the left-hand side and
+    restricts the sum to those layers: ``sum_{l in targets} ||T_l - (1/m) grad_{theta_l} sum_j w_j||^2``, the
+    gradients still taken at ``weights``. With ``T_l`` the change that fine-tuning made to layer ``l``,
+    this is the condition that gradient descent from a pretrained point leaves behind (chapter 05).
     """
     k, m, _ = x.shape
     theta = [w.detach().to(x.dtype) for w in weights]
@@ -205,8 +210,14 @@ def kkt_stationarity_loss(weights: Sequence[Tensor], x: Float[Tensor, "k m d"], 
               for t in theta]
     out = surrogate_forward(copies, x, alpha)
     total = weighted_outputs(out, lam, y, form).sum() / m
-    grads = torch.autograd.grad(total, copies, create_graph=True)
-    return sum(((c.detach() - g) ** 2).sum((1, 2)) for c, g in zip(copies, grads))
+    if targets is None:
+        grads = torch.autograd.grad(total, copies, create_graph=True)
+        return sum(((c.detach() - g) ** 2).sum((1, 2)) for c, g in zip(copies, grads))
+    layers = sorted(targets)
+    if not layers or layers[0] < 0 or layers[-1] >= len(copies):
+        raise ValueError(f"targets has layers {layers}: expected indices of the network's {len(copies)} layers")
+    grads = torch.autograd.grad(total, [copies[i] for i in layers], create_graph=True)
+    return sum(((targets[i].to(x.dtype) - g) ** 2).sum((-2, -1)).expand(k) for i, g in zip(layers, grads))
 
 
 def box_prior(x: Float[Tensor, "k m d"], low: float | Tensor = -1.0, high: float | Tensor = 1.0
