@@ -394,6 +394,7 @@ def plot_rank_curves(table: Sequence[dict], attacks: Sequence[str] = ("coupled",
                 ax.plot([x.max() * 1.6], [full[0]["mean"] / n], marker="*", color=colour, markersize=10)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel=r"rank / $\sqrt{2KN}$", title=f"{attack} attack")
+        _plain_log_ticks(ax.xaxis)
     axes[0, 0].set_ylabel("memorised fraction of the private set")
     axes[0, 0].legend(fontsize=7, title="trained (dotted: disjoint)\n★ full fine-tune", title_fontsize=7)
     fig.tight_layout()
@@ -417,6 +418,8 @@ def plot_training(table: Sequence[dict]):
             ax.plot(ranks, [r[key] for r in rows], "o-", color=colour, markersize=4)
             ax.plot(ranks, [r[f"{key}_disjoint_inputs"] for r in rows], ":", color=colour)
     axes[0].set(xscale="log", yscale="log", xlabel="rank r", ylabel="final training loss")
+    for ax in axes:
+        _plain_log_ticks(ax.xaxis)
     axes[1].set(xscale="log", xlabel="rank r", ylabel="coupled KKT residual", ylim=(0, 1.05))
     axes[2].set(xscale="log", xlabel="rank r", ylabel=r"$\Delta W$ residual", ylim=(0, 1.05))
     axes[0].legend(fontsize=7)
@@ -445,3 +448,14 @@ def attack_user_adapter(base_checkpoint, widths: Sequence[int], adapter_dir, n_p
                                                                      hyper=settings.hyper.rows()))
     loss = torch.where(result.diverged, torch.full_like(result.final_kkt_loss, float("inf")), result.final_kkt_loss)
     return (result.x[int(torch.argmin(loss))] + mean).clamp(0, 1)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Powers of two as plain numbers on a log axis, no minor labels."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    low, high = axis.get_view_interval()
+    ticks = [2.0 ** k for k in range(-8, 9) if low <= 2.0 ** k <= high]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
