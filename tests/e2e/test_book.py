@@ -8,6 +8,7 @@ profile (default ``ci``).
 import functools
 import http.server
 import os
+import re
 import threading
 import time
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
@@ -18,6 +19,8 @@ import yaml
 from imprint.runtime.provenance import repo_root
 
 pytestmark = pytest.mark.e2e
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|opt|tmp|home|root|usr|scratch)/\S*")
+PROGRESS_BAR = re.compile(r"\d+%\|[^|\n]*\|")
 # Runs before any page script: MathJax 2 reads window.MathJax as its configuration and calls AuthorInit,
 # where hooks record TeX errors, files that failed to load and the end of typesetting.
 MATHJAX_HOOKS = """
@@ -113,6 +116,12 @@ def test_page_loads_with_figures_and_working_links(server, browser, page):
     broken = [src for src, done, w, h in images if not done or w < 10 or h < 10]
     assert not broken, f"{page}: empty or missing images {broken}"
     if _is_chapter(page):
+        outputs = browser.execute_script(
+            "return Array.from(document.querySelectorAll('main .cell_output')).map(e => e.innerText).join('\\n')")
+        noise = MACHINE_PATH.findall(outputs) + PROGRESS_BAR.findall(outputs)
+        assert not noise, f"{page}: cell outputs show machine paths or progress bars: {noise[:5]}"
+        assert "Parameters of this run" in browser.find_element("css selector", "main").text, \
+            f"{page}: no word on which parameters applied"
         assert images, f"{page}: a chapter without a single figure"
         numbered = browser.find_elements("css selector", "main figure, main .figure")
         assert numbered, f"{page}: no numbered figure"

@@ -24,3 +24,42 @@ def test_without_a_headline_every_scalar_is_shown(project):
     path.write_text(json.dumps({"metrics": {"a": 1, "b": [1, 2]}}))
     assert "| `a` | 1 |" in metrics_table({"99_toy": path}, root=project)
     assert "`b`" not in metrics_table({"99_toy": path}, root=project)
+
+
+def _stderr(text):
+    import nbformat
+
+    return nbformat.v4.new_output("stream", name="stderr", text=text)
+
+
+def test_stderr_loses_progress_bars_and_machine_paths_but_keeps_the_warning():
+    import nbformat
+
+    from imprint.runtime.book import clean_outputs
+
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.outputs = [_stderr("\rstore:   6%|▋         | 1/16 [00:17<04:21, 17.42s/it]"),
+                    _stderr("/opt/torch/.venv/lib/python3.12/site-packages/torch/autograd/graph.py:869: UserWarning: "
+                            "no CUDA context (Triggered internally at /pytorch/aten/src/ATen/Pool.cpp:335.)\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="saved /work/main/results/00_x/a.pt\n"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": "PosixPath('/w/m/results/a.pt')"})]
+    nb = clean_outputs(nbformat.v4.new_notebook(cells=[cell]))
+    texts = [o["text"] if "text" in o else o["data"]["text/plain"] for o in nb.cells[0].outputs]
+    assert texts == ["torch/autograd/graph.py:869: UserWarning: no CUDA context (Triggered internally at Pool.cpp:335.)\n",
+                     "saved results/00_x/a.pt\n", "PosixPath('results/a.pt')"]
+
+
+def test_the_parameters_that_applied_are_labelled():
+    import nbformat
+
+    from imprint.runtime.book import label_parameters
+
+    defaults = nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell("# Parameters\nn = 5", metadata={"tags": ["injected-parameters"]})
+    nb = nbformat.v4.new_notebook(cells=[defaults, injected], metadata={"imprint": {"label": "full"}})
+    cells = label_parameters(nb, "full").cells
+    assert [c.cell_type for c in cells] == ["code", "markdown", "code"]
+    assert "**Parameters of this run** (`full`): papermill injected" in cells[1].source
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]})])
+    cells = label_parameters(nb, "ci").cells
+    assert cells[1].source == "**Parameters of this run** (`ci`): the notebook's defaults above, unchanged."

@@ -114,3 +114,21 @@ def test_ctrl_c_ends_with_one_line_on_how_to_resume_and_keeps_the_good_copy(proj
     assert lines[0].startswith("99_toy [") and "interrupted" in lines[0]
     assert "run `python -m imprint run 99_toy -p name=slow` again to resume" in lines[0]
     assert paths.executed.read_text() == "the last good executed copy" and paths.partial.is_file()
+
+
+def test_warnings_and_progress_bars_stay_out_of_the_executed_notebook(project):
+    source = project / "notebooks" / "99_toy.md"
+    source.write_text(source.read_text().replace('if name == "boom":', (
+        'if name == "noisy":\n'
+        '    import warnings\n'
+        '    from tqdm.auto import tqdm\n'
+        '    warnings.warn("a warning from /some/machine/path")\n'
+        '    total_steps = sum(1 for _ in tqdm(range(3), desc="steps"))\n'
+        '    print("kept: stdout")\n'
+        'if name == "boom":')))
+    paths = execute(resolve_run("99_toy", overrides={"name": "noisy"}, root=project), root=project, progress=False)
+    nb = nbformat.read(paths.executed, as_version=4)
+    streams = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    assert [o["name"] for o in streams] == ["stdout"] and "kept: stdout" in streams[0]["text"]
+    log = (paths.results / "warnings.log").read_text()
+    assert "UserWarning: a warning from /some/machine/path" in log

@@ -240,9 +240,11 @@ def plan_partitions(start: int, end: int, partition_size: int, n_rows: int) -> l
 
 
 def fill_partitions(store: GradientStore, start: int, end: int, partition_size: int,
-                    compute: Callable[[int, int], Mapping[str, torch.Tensor]], progress: bool = True,
+                    compute: Callable[[int, int], Mapping[str, torch.Tensor]], progress: bool | None = None,
                     desc: str = "partitions") -> list[tuple[int, int]]:
     """Compute and write the rows of ``[start, end)`` that no stored partition covers; return what was computed.
+
+    ``progress`` None shows a bar unless ``TQDM_DISABLE`` is set, as the runner sets it under papermill.
 
     Each uncovered stretch is cut into partitions of ``partition_size`` rows from its first row. A run
     killed after some partitions therefore resumes at the first unfinished one with the partitions it
@@ -256,7 +258,7 @@ def fill_partitions(store: GradientStore, start: int, end: int, partition_size: 
         lo, hi = max(gap_start, start), min(gap_end, end)
         if lo < hi:
             todo += plan_partitions(lo, hi, partition_size, store.n_rows)
-    for s, e in tqdm(todo, desc=desc, disable=not progress):
+    for s, e in tqdm(todo, desc=desc, **({} if progress is None else {"disable": not progress})):
         t0 = time.perf_counter()
         tensors = compute(s, e)
         store.write(s, e, tensors, seconds=time.perf_counter() - t0)

@@ -11,6 +11,7 @@ entries whose source does not exist are left out. Sphinx then builds with warnin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,54 @@ def refresh_prose(executed, source):
     return executed
 
 
+PROGRESS_BAR = re.compile(r"^[\r\n]*([^\r\n|]*\d+%\|[^\r\n]*\|[^\r\n]*[\r\n]*)+$|^\s*$")
+# the part of an absolute path before what a reader can place: a package, the project's lib/ or results
+# folders, or else the file itself (a source file with its line number)
+_DIRS = r"(?<![\w.])/(?:[^\s/:()'\"]+/)"
+MACHINE_PATH = re.compile(_DIRS + r"*?(?:(?:site|dist)-packages/|tmp/site/|lib/(?=imprint/))"
+                          + "|" + _DIRS + r"+?(?=(?:results|_build|book)/)"
+                          + "|" + _DIRS + r"+(?=[^\s/:()'\"]+\.(?:py|cpp|cu|h):\d+)")
+
+
+def clean_outputs(nb):
+    """The executed notebook without progress bars in its stderr, and with machine paths in its text
+    outputs cut to what a reader can place (``torch/autograd/graph.py:869``, ``results/00_x/full/...``).
+    Runs of the current runner print no bars and log warnings to ``warnings.log``; older records still
+    hold them, and a cell's value may be a path."""
+    for cell in nb.cells:
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                if out.get("name") == "stderr" and PROGRESS_BAR.match(out["text"]):
+                    continue
+                out["text"] = MACHINE_PATH.sub("", out["text"])
+            elif "text/plain" in out.get("data", {}):
+                out["data"]["text/plain"] = MACHINE_PATH.sub("", out["data"]["text/plain"])
+            kept.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    return nb
+
+
+def label_parameters(nb, profile: str):
+    """A line of prose before the parameters papermill injected (or after the defaults, when it injected
+    none) saying which values this run used."""
+    import nbformat
+
+    cells = nb.cells
+    defaults = next((i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])), None)
+    injected = next((i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", [])), None)
+    label = (nb.metadata.get("imprint") or {}).get("label", profile)
+    if injected is not None:
+        text = (f"**Parameters of this run** (`{label}`): papermill injected the values below after the "
+                "notebook's defaults above; where the two differ, these applied.")
+        cells.insert(injected, nbformat.v4.new_markdown_cell(text))
+    elif defaults is not None:
+        text = f"**Parameters of this run** (`{label}`): the notebook's defaults above, unchanged."
+        cells.insert(defaults + 1, nbformat.v4.new_markdown_cell(text))
+    return nb
+
+
 def _placeholder(source: Path, profile: str) -> str:
     title = next((line.lstrip("# ").strip() for line in source.read_text().splitlines() if line.startswith("# ")),
                  source.stem)
@@ -198,7 +247,7 @@ def stage(profile: str, root: Path | None = None) -> Path:
         nb_path = executed / f"{name}.ipynb"
         if nb_path.is_file():
             nb = refresh_prose(nbformat.read(nb_path, as_version=4), read_notebook(root / "notebooks" / f"{name}.md"))
-            nbformat.write(nb, src / "notebooks" / f"{name}.ipynb")
+            nbformat.write(label_parameters(clean_outputs(nb), profile), src / "notebooks" / f"{name}.ipynb")
         else:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
     toc = _filter_toc(yaml.safe_load((src / "_toc.yml").read_text()), sources)

@@ -33,6 +33,22 @@ from imprint.runtime.results import ENV_PROFILE, ENV_RESULTS
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+# An executed notebook is a page of the book: no progress bars (tqdm's defaults read TQDM_*), no advisory
+# logging of transformers, and Python warnings go to the run's warnings.log (WARNINGS_STARTUP) instead
+# of the cell's output, where they would print paths of the machine that ran it.
+QUIET_ENV = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+             "DIFFUSERS_VERBOSITY": "error"}
+WARNINGS_LOG = "warnings.log"
+WARNINGS_STARTUP = '''"""Installed by the imprint runner: warnings of this kernel go to the run's warnings.log."""
+import os as _os
+import warnings as _warnings
+
+def _imprint_log_warning(message, category, filename, lineno, file=None, line=None):
+    with open(_os.path.join(_os.environ["IMPRINT_RESULTS_DIR"], "warnings.log"), "a") as _fh:
+        _fh.write(_warnings.formatwarning(message, category, filename, lineno, line))
+
+_warnings.showwarning = _imprint_log_warning
+'''
 
 DEFAULT_TIMEOUT = {"ci": 900, RECORD: 3600}
 
@@ -112,12 +128,17 @@ def execute(run: ResolvedRun, timeout: float | None = None, log_output: bool = F
     paths.results.mkdir(parents=True, exist_ok=True)
     paths.metrics.unlink(missing_ok=True)  # one left by an earlier run must not pass for this one's
 
-    env = dict(os.environ, **OFFLINE_ENV)
+    env = dict(os.environ, **OFFLINE_ENV, **QUIET_ENV)
     env[ENV_RESULTS] = str(paths.results)
+    (paths.results / WARNINGS_LOG).unlink(missing_ok=True)
     env[ENV_PROFILE] = run.label
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root / "lib"), env.get("PYTHONPATH")]))
 
     with tempfile.TemporaryDirectory(prefix="imprint-") as tmp:
+        startup = Path(tmp) / "ipython" / "profile_default" / "startup"
+        startup.mkdir(parents=True)
+        (startup / "00-imprint-warnings.py").write_text(WARNINGS_STARTUP)
+        env["IPYTHONDIR"] = str(Path(tmp) / "ipython")
         source_nb = Path(tmp) / f"{run.spec.name}.ipynb"
         nb = read_notebook(run.spec.source)
         nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
