@@ -3,7 +3,10 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 EXTRAS  ?= run,models,test
 
-.PHONY: setup run book record test unit notebooks e2e browser lab clean help
+.PHONY: setup run book record pdf tex test unit notebooks e2e browser lab clean help
+# Debian's TeX for `make pdf`: XeLaTeX and the LaTeX packages Sphinx's report class loads (about 150 MB)
+TEX_PACKAGES := latexmk texlive-xetex texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended \
+                fonts-freefont-otf poppler-utils
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,15 +26,25 @@ run: setup  ## the main job: every notebook's ci profile, then the ci book
 record: setup  ## the book of record, from the committed full-profile notebooks (executes nothing)
 	$(PY) -m imprint book --profile full
 
+pdf: setup tex  ## the book of record as a PDF (LaTeX builder, XeLaTeX); prints its path
+	$(PY) -m imprint book --profile full --pdf
+
+tex:  ## XeLaTeX, the LaTeX packages and pdftotext for `make pdf` (Debian packages, installed when missing)
+	@command -v xelatex >/dev/null && command -v latexmk >/dev/null && command -v pdftotext >/dev/null && \
+	  kpsewhich fncychap.sty >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_PACKAGES) >/dev/null)
+
 # The tests never touch what `make run` made (results/*/ci, _build/notebooks/ci, _build/book/ci): the
 # notebooks run under nbmake as their own profile, nbmake, and the browser tests read its book.
-test: setup browser  ## every test: units, notebooks under nbmake, the books in Chromium
+test: setup browser tex  ## every test: units, notebooks under nbmake, the books in Chromium, the PDF
 	$(PY) -m pytest -q tests/unit tests/notebooks
 	$(MAKE) --no-print-directory notebooks
 	$(PY) -m imprint book --profile nbmake
 	$(PY) -m imprint book --profile full
-	IMPRINT_BOOK=nbmake $(PY) -m pytest -q tests/e2e
-	IMPRINT_BOOK=full $(PY) -m pytest -q tests/e2e
+	$(PY) -m imprint book --profile full --pdf
+	IMPRINT_BOOK=nbmake $(PY) -m pytest -q tests/e2e/test_book.py
+	IMPRINT_BOOK=full $(PY) -m pytest -q tests/e2e/test_book.py
+	$(PY) -m pytest -q tests/e2e/test_pdf.py
 
 notebooks: setup  ## every notebook's ci defaults under nbmake, as profile nbmake; executed copies kept for its book
 	rm -rf _nbmake _build/notebooks/nbmake results/*/nbmake

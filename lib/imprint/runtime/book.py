@@ -233,10 +233,10 @@ def _config(root: Path, src: Path) -> dict:
     return config
 
 
-def stage(profile: str, root: Path | None = None) -> Path:
-    """Assemble the book's sources for ``profile`` under ``_build/book/<profile>/src``."""
+def stage(profile: str, root: Path | None = None, folder: str | None = None) -> Path:
+    """Assemble the book's sources for ``profile`` under ``_build/book/<folder or profile>/src``."""
     root = root or repo_root()
-    src = root / "_build" / "book" / profile / "src"
+    src = root / "_build" / "book" / (folder or profile) / "src"
     if src.exists():
         shutil.rmtree(src)
     shutil.copytree(root / "book", src, ignore=shutil.ignore_patterns("notebooks", "metrics", "_build"))
@@ -265,18 +265,43 @@ def stage(profile: str, root: Path | None = None) -> Path:
     return src
 
 
+def _jupyter_book(src: Path, out: Path, builder: str, quiet: bool) -> None:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--config", str(src / "_config.yml"),
+           "--toc", str(src / "_toc.yml"), "--path-output", str(out), "--builder", builder,
+           "--warningiserror", "--keep-going", "--all"]
+    if quiet:
+        cmd.append("-q")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the book build failed (warnings are errors):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def build_pdf(profile: str = RECORD, root: Path | None = None, quiet: bool = True) -> Path:
+    """The book as a PDF through Sphinx's LaTeX builder and XeLaTeX (Unicode in outputs), every displayed
+    equation numbered; built in ``_build/book/<profile>-pdf``, apart from the HTML book. Returns the PDF."""
+    root = root or repo_root()
+    folder = f"{profile}-pdf"
+    src = stage(profile, root, folder)
+    config = yaml.safe_load((src / "_config.yml").read_text())
+    # sphinx-jupyterbook-latex's class needs bbm.sty (texlive-fonts-extra, about 1 GB): Sphinx's own
+    # report class with XeLaTeX needs only the few Debian packages of `make pdf`
+    config.setdefault("latex", {}).update(use_jupyterbook_latex=False, latex_engine="xelatex")
+    sphinx = config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx.update(latex_use_xindy=False, math_number_all=True)
+    atomic_write_text(src / "_config.yml", yaml.safe_dump(config, sort_keys=False))
+    out = root / "_build" / "book" / folder
+    shutil.rmtree(out / "_build", ignore_errors=True)
+    _jupyter_book(src, out, "pdflatex", quiet)
+    target = config["latex"].get("latex_documents", {}).get("targetname", "book.tex")
+    return out / "_build" / "latex" / Path(target).with_suffix(".pdf").name
+
+
 def build(profile: str = CI, root: Path | None = None, quiet: bool = True) -> Path:
     """Stage and build with warnings as errors; returns the path of ``index.html``."""
     root = root or repo_root()
     src = stage(profile, root)
     out = root / "_build" / "book" / profile
     shutil.rmtree(out / "_build", ignore_errors=True)
-    exe = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--config", str(src / "_config.yml"),
-           "--toc", str(src / "_toc.yml"), "--path-output", str(out), "--warningiserror", "--keep-going", "--all"]
-    if quiet:
-        cmd.append("-q")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the book build failed (warnings are errors):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    _jupyter_book(src, out, "html", quiet)
     return out / "_build" / "html" / "index.html"

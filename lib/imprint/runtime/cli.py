@@ -5,6 +5,7 @@
     python -m imprint run 00 --profile full       # the result of record, into book/
     python -m imprint run 00 -p n_train=100 -p steps=2000
     python -m imprint book --profile ci           # prints the path of index.html
+    python -m imprint book --profile full --pdf   # the book of record as a PDF
     python -m imprint export --to _build/notebooks/ci   # .ipynb copies (no outputs), e.g. for nbmake
     python -m imprint sweep 00 --grid n_train=50,100 --grid lr=0.1,0.5 --workers 2   # resumable
     python -m imprint lab                                # JupyterLab on 127.0.0.1, prints the SSH tunnel
@@ -68,8 +69,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_book(args) -> int:
-    from imprint.runtime.book import build
+    from imprint.runtime.book import build, build_pdf
 
+    if args.pdf:
+        print(f"PDF built: {build_pdf(args.profile, quiet=not args.verbose)}")
+        return 0
     index = build(args.profile, quiet=not args.verbose)
     print(f"book built: {index}")
     return 0
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p_book = sub.add_parser("book", help="build the book from executed notebooks (never executes)")
     p_book.add_argument("--profile", default=CI, help="ci (default) or full (the book of record)")
     p_book.add_argument("--verbose", action="store_true")
+    p_book.add_argument("--pdf", action="store_true", help="a PDF through LaTeX (needs XeLaTeX: make pdf installs it)")
     p_export = sub.add_parser("export", help="write .ipynb copies of the MyST sources (no execution)")
     p_export.add_argument("notebooks", nargs="*")
     p_export.add_argument("--to", required=True, help="destination folder")
