@@ -277,3 +277,20 @@ def test_cell_table_applies_the_rule_to_every_control():
     table = {r["rank"]: r for r in cell_table([CellResult(8, list(range(5)), [4, 8], rows)])}
     assert table[4]["works"] and table[4]["disjoint_p"] == pytest.approx(1 / 32)
     assert not table[8]["works"]
+
+
+def test_chapter_metrics_follow_from_the_records_table():
+    """The record's headline numbers are what chapter_metrics computes from the record's own table."""
+    import json
+
+    from imprint.lora.experiment import chapter_metrics
+    from imprint.runtime.provenance import repo_root
+
+    path = repo_root() / "book" / "metrics" / "05_lora_kkt.json"
+    if not path.is_file():
+        pytest.skip("no run of record of chapter 05")
+    metrics = json.loads(path.read_text())["metrics"]
+    got = chapter_metrics(metrics["table"], ["coupled", "update", "full"])
+    assert got and all(got[k] == pytest.approx(metrics[k], rel=1e-12) if isinstance(got[k], float)
+                       else got[k] == metrics[k] for k in got)
+    assert got["coupled_cells_work"] == sum(r["works"] for r in metrics["table"] if r["attack"] == "coupled")

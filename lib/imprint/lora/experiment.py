@@ -368,6 +368,67 @@ def cell_table(cells: Sequence[CellResult], level: float = 0.95, alpha: float = 
     return rows
 
 
+def chapter_metrics(table: Sequence[dict], attacks: Sequence[str] = ATTACKS) -> dict:
+    """The chapter's headline numbers from :func:`cell_table`'s rows: per attack the cells that meet the
+    rule (all, and at or above the threshold rank), the best cell and its disjoint control, the residual the
+    extraction reached against the one the true images leave; per size the smallest working rank of the
+    coupled attack and its top rank's count against full fine-tuning's; the adapters' mean residuals."""
+    out: dict = {}
+    truth_key = {"coupled": "coupled_residual", "update": "update_residual", "full": "update_residual"}
+    for attack in attacks:
+        rows = [r for r in table if r["attack"] == attack]
+        if not rows:
+            continue
+        top = max(rows, key=lambda r: r["fraction"])
+        out[f"{attack}_cells"] = len(rows)
+        out[f"{attack}_cells_work"] = sum(r["works"] for r in rows)
+        out[f"{attack}_best_fraction"] = top["fraction"]
+        out[f"{attack}_best_cell"] = f"N = {top['n_private']}, r = {top['rank']}"
+        out[f"{attack}_best_mean"] = top["mean"]
+        out[f"{attack}_best_disjoint_mean"] = top.get("disjoint_mean", float("nan"))
+        if attack != "full":
+            above = [r for r in rows if r["rank"] >= threshold_rank(r["n_private"])]
+            out[f"{attack}_above_threshold_work"] = sum(r["works"] for r in above)
+            out[f"{attack}_above_threshold_cells"] = len(above)
+        out[f"{attack}_reached_residual"] = float(np.mean([r["reached_residual"] for r in rows]))
+        out[f"{attack}_truth_residual"] = float(np.mean([r[truth_key[attack]] for r in rows]))
+        out[f"{attack}_reached_vs_truth"] = ("below" if out[f"{attack}_reached_residual"]
+                                             < out[f"{attack}_truth_residual"] else "above")
+    per_size, ratios = [], []
+    for n in sorted({r["n_private"] for r in table}):
+        coupled = sorted((r for r in table if r["attack"] == "coupled" and r["n_private"] == n),
+                         key=lambda r: r["rank"])
+        full = [r for r in table if r["attack"] == "full" and r["n_private"] == n]
+        if not coupled:
+            continue
+        working = [r["rank"] for r in coupled if r["works"]]
+        top = coupled[-1]
+        out[f"coupled_smallest_working_rank_n{n}"] = working[0] if working else None
+        out[f"coupled_top_rank_mean_n{n}"] = top["mean"]
+        text = f"N = {n}: " + (f"r = {working[0]} (r / sqrt(2N) = {working[0] / threshold_rank(n):.1f})"
+                               if working else "no rank")
+        if full:
+            out[f"full_mean_n{n}"] = full[0]["mean"]
+            if full[0]["mean"] > 0:
+                text += f", top rank {top['mean']:.1f} against full fine-tuning's {full[0]['mean']:.1f}"
+                ratios.append(top["mean"] / full[0]["mean"])
+        per_size.append(text)
+    lora = [r for r in table if r["attack"] in ("coupled", "update") and r["rank"] != "full"]
+    if lora:
+        out["coupled_working_ranks_text"] = "; ".join(per_size)
+        out["coupled_top_rank_over_full"] = float(np.mean(ratios)) if ratios else float("nan")
+        out["top_rank"] = max(r["rank"] for r in lora)
+        first = [r for r in lora if r["attack"] == lora[0]["attack"]]  # one row per (N, rank)
+        for key in ("coupled_residual", "coupled_residual_disjoint_inputs", "update_residual", "balancedness"):
+            out[f"mean_{key}"] = float(np.mean([r[key] for r in first]))
+        out["max_train_loss"] = float(np.max([r["train_loss"] for r in first]))
+    full = [r for r in table if r["attack"] == "full"]
+    if full:
+        out["full_mean_fraction"] = float(np.mean([r["fraction"] for r in full]))
+        out["full_update_residual"] = float(np.mean([r["update_residual"] for r in full]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ figures
 
 def plot_rank_curves(table: Sequence[dict], attacks: Sequence[str] = ("coupled", "update")):
