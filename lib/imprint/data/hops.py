@@ -31,7 +31,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from imprint.runtime.checks import require_choice, require_int, require_path
-from imprint.runtime.io import atomic_write_json, atomic_write_text
+from imprint.runtime.io import atomic_write_json, atomic_write_text, iter_jsonl
 
 # The anchor's token system: base i is wrapped by wrapper i and returns CONSTANTS[i].
 BASE_TOKENS = ("<GN>", "<JN>", "<KN>", "<LN>", "<MN>", "<NN>", "<ON>", "<PN>", "<QN>", "<RN>")
@@ -559,29 +559,21 @@ def read_hops_jsonl(path: str | Path, *, wraps: dict[str, str] | None = None,
     require_choice("on_duplicate_uid", on_duplicate_uid, ["error", "renumber"])
     wraps = _anchor_wraps if wraps is None else dict(wraps).get
     docs, first_line = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            missing = [f for f in REQUIRED_FIELDS if f not in record]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing}; expected {list(REQUIRED_FIELDS)}")
-            uid = str(record["uid"])
-            if uid in first_line:
-                if on_duplicate_uid == "error":
-                    raise ValueError(f"{where}: uid={uid!r} already used on line {first_line[uid]}; expected "
-                                     "unique uids (on_duplicate_uid='renumber' renames repeats)")
-                uid = f"{uid}#{lineno}"
-            first_line.setdefault(uid, lineno)
-            doc = _document_from_record(record, uid, where, wraps)
-            docs.append(doc)
+    for lineno, where, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; expected {list(REQUIRED_FIELDS)}")
+        uid = str(record["uid"])
+        if uid in first_line:
+            if on_duplicate_uid == "error":
+                raise ValueError(f"{where}: uid={uid!r} already used on line {first_line[uid]}; expected "
+                                 "unique uids (on_duplicate_uid='renumber' renames repeats)")
+            uid = f"{uid}#{lineno}"
+        first_line.setdefault(uid, lineno)
+        doc = _document_from_record(record, uid, where, wraps)
+        docs.append(doc)
     if not docs:
         raise ValueError(f"path={str(path)!r}: no documents in the file")
     validate_hops_documents(docs)

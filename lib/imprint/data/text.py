@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from imprint.runtime.checks import require_choice, require_float, require_int, require_path
-from imprint.runtime.io import atomic_write_text
+from imprint.runtime.io import atomic_write_text, iter_jsonl
 
 IGNORE_INDEX = -100
 
@@ -67,28 +67,20 @@ def load_lima_jsonl(path: str | Path) -> list[InstructionExample]:
     """
     path = require_path("path", path, kind="file")
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict) or "conversations" not in record:
-                raise ValueError(f"{where}: expected an object with a 'conversations' list")
-            turns = record["conversations"]
-            if (not isinstance(turns, list) or len(turns) < 2
-                    or not all(isinstance(t, str) for t in turns[:2])):
-                raise ValueError(f"{where}: 'conversations' must be a list of at least two strings "
-                                 f"(user turn, assistant turn), got {type(turns).__name__}"
-                                 f"{' of length ' + str(len(turns)) if isinstance(turns, list) else ''}")
-            if not turns[0].strip() or not turns[1].strip():
-                raise ValueError(f"{where}: the first user or assistant turn is empty")
-            source = str(record.get("source", path.stem))
-            examples.append(InstructionExample(id=f"{path.stem}/{lineno}", instruction=turns[0].strip(),
-                                               answer=turns[1].strip(), source=source))
+    for lineno, where, record in iter_jsonl(path):
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise ValueError(f"{where}: expected an object with a 'conversations' list")
+        turns = record["conversations"]
+        if (not isinstance(turns, list) or len(turns) < 2
+                or not all(isinstance(t, str) for t in turns[:2])):
+            raise ValueError(f"{where}: 'conversations' must be a list of at least two strings "
+                             f"(user turn, assistant turn), got {type(turns).__name__}"
+                             f"{' of length ' + str(len(turns)) if isinstance(turns, list) else ''}")
+        if not turns[0].strip() or not turns[1].strip():
+            raise ValueError(f"{where}: the first user or assistant turn is empty")
+        source = str(record.get("source", path.stem))
+        examples.append(InstructionExample(id=f"{path.stem}/{lineno}", instruction=turns[0].strip(),
+                                           answer=turns[1].strip(), source=source))
     if not examples:
         raise ValueError(f"path={str(path)!r}: no conversations in the file")
     return examples

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from imprint.reconstruction.extraction import StationaritySystem
+from imprint.reconstruction.extraction import FullWeights, StationaritySystem
 from imprint.reconstruction.kkt import (KKTForm, check_weights, kkt_stationarity_loss, modified_relu,
                                         weighted_outputs)
 
@@ -255,13 +255,13 @@ class LoRAFactors(StationaritySystem):
         return cls([w.detach().to(device, dtype) for w in base], factors, scaling, first.terms, first.at)
 
 
-class WeightUpdate(StationaritySystem):
+class WeightUpdate(FullWeights):
     """An attacker's view of a fine-tune as a full-weight update: the weights the gradients are taken at
     (the fine-tuned ``theta`` or the base ``theta_0``) and the updates ``Delta_l`` of the layers that
     changed; the residual is ``sum_l ||Delta_l - (1/m) grad_{W_l} sum_j w_j||^2`` at those weights."""
 
     def __init__(self, weights: Sequence[Tensor], updates: Mapping[int, Tensor]):
-        self.weights = list(weights)
+        super().__init__(weights)
         self.updates = {int(i): u for i, u in updates.items()}
 
     @classmethod
@@ -279,16 +279,8 @@ class WeightUpdate(StationaritySystem):
         share = {"tuned": 1.0, "base": 0.0, "mid": 0.5}[at]
         return cls([w + share * updates[i] if i in updates else w for i, w in enumerate(base)], updates)
 
-    @property
-    def d_in(self) -> int:
-        return self.weights[0].shape[-1]
-
-    @property
-    def d_out(self) -> int:
-        return self.weights[-1].shape[-2]
-
     def check(self, n_configs: int | None = None) -> None:
-        check_weights(self.weights, n_configs=n_configs)
+        super().check(n_configs)
         if not self.updates:
             raise ValueError("updates is empty: expected the update of at least one layer")
         for i, u in self.updates.items():
@@ -297,7 +289,7 @@ class WeightUpdate(StationaritySystem):
                                  f"the network ({len(self.weights)} layers)")
 
     def signature(self) -> list:
-        return [tuple(w.shape) for w in self.weights] + sorted(self.updates)
+        return super().signature() + sorted(self.updates)
 
     def digest_tensors(self) -> list[Tensor]:
         return [*self.weights, *(self.updates[i] for i in sorted(self.updates))]

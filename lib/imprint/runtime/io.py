@@ -111,3 +111,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "path:line", record)`` for every non-blank line of a JSONL file; a malformed line
+    raises ``ValueError`` naming the file and its line number."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
+            yield lineno, where, record
