@@ -294,3 +294,27 @@ def test_chapter_metrics_follow_from_the_records_table():
     assert got and all(got[k] == pytest.approx(metrics[k], rel=1e-12) if isinstance(got[k], float)
                        else got[k] == metrics[k] for k in got)
     assert got["coupled_cells_work"] == sum(r["works"] for r in metrics["table"] if r["attack"] == "coupled")
+
+
+def test_a_users_adapter_folder_is_attacked_end_to_end(tmp_path):
+    from imprint.lora.experiment import CellSettings, attack_user_adapter
+    from imprint.models.mlp import save_mlp
+    from imprint.reconstruction.extraction import random_search
+
+    base_mlp = MLP(64, [8, 6], 1).double()
+    save_mlp(tmp_path / "base.safetensors", base_mlp)
+    config = LoRATrainConfig(layers=(0, 1))
+    shapes = {i: tuple(base_mlp.layers[i].weight.shape) for i in (0, 1)}
+    factors = {i: (a, b + 0.05) for i, (a, b) in initial_factors(shapes, 2, config, 3).items()}
+    lora_model(base_mlp, 2, config, factors).save_pretrained(str(tmp_path / "adapter"))
+    ranges = {"init_scale": 0.05, "lr_x": 0.01, "lr_lambda": 0.01, "lambda_min": 0.2, "alpha": 50.0}
+    settings = CellSettings(ranks=(2,), lora=config, full=TrainConfig(widths=(8, 6)),
+                            extraction=ExtractionConfig(steps=3, dtype="float64", log_every=1),
+                            hyper=random_search(2, ranges, seed=0), n_heldout=10)
+    mean = torch.full((64,), 0.3)
+    pixels = attack_user_adapter(tmp_path / "base.safetensors", [8, 6], tmp_path / "adapter", 3, settings, mean,
+                                 "cpu", tmp_path / "work")
+    assert pixels.shape == (6, 64) and float(pixels.min()) >= 0 and float(pixels.max()) <= 1
+    with pytest.raises(ValueError, match="does not match the declared architecture"):
+        attack_user_adapter(tmp_path / "base.safetensors", [9, 6], tmp_path / "adapter", 3, settings, mean, "cpu",
+                            tmp_path / "work")

@@ -200,7 +200,7 @@ class Hyperparameters:
         return torch.tensor(getattr(self, name), device=device, dtype=dtype)
 
 
-def random_search(n_configs: int, ranges: Mapping[str, Sequence], seed: int = 0,
+def random_search(n_configs: int, ranges: Mapping[str, Sequence | float], seed: int = 0,
                   seeds: Sequence[int] | None = None) -> Hyperparameters:
     """``n_configs`` configurations drawn from ``ranges``: ``{name: (low, high, "log" | "linear")}`` or
     ``{name: value}`` for a fixed value. Log-uniform draws follow the reference sweeps of Haim et al."""
