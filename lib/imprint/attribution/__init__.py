@@ -1,0 +1,7 @@
+"""Attribution between checkpoints on the HOPS nested-function benchmark (chapter 07): the models of the
+chapter, with the HOPS function tokens added to a pretrained LM or a tiny from-scratch Llama and the
+fine-tuning that turns f_old into f_new (:mod:`imprint.attribution.models`); the logit evaluation that
+scores the single-token integer answers of the prompts ``"The output of <F>(x) is "`` and picks the
+queries a model answers correctly (:mod:`imprint.attribution.evaluation`); and forward hooks, registered
+in a context manager that always removes them, that capture per-layer hidden states at chosen token
+positions (:mod:`imprint.attribution.hooks`)."""
