@@ -12,7 +12,7 @@ import torch
 from imprint.attribution.evaluation import logit_evaluation
 from imprint.attribution.hooks import capture_hidden, position_weights
 from imprint.attribution.models import (add_function_tokens, check_query_tokens, check_same_vocabulary,
-                                        finetune_causal_lm, tiny_llama)
+                                        finetune_causal_lm, tiny_llama_for)
 from imprint.data.hops import (generate_hops_documents, hops_queries, hops_spec, spec_functions,
                                train_hops_tokenizer)
 
@@ -51,7 +51,7 @@ def untied_llama(tokenizer):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_added_tokens_are_single_and_their_rows_are_the_mean(spec, bare, tied):
-    model = tiny_llama(bare, d_model=16, n_heads=2) if tied else untied_llama(bare)
+    model = tiny_llama_for(bare, d_model=16, n_heads=2) if tied else untied_llama(bare)
     n = len(bare)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
@@ -73,7 +73,7 @@ def test_random_init_is_seeded_and_a_second_call_keeps_ids_and_rows(spec, docs):
     rows = []
     for seed in (3, 3, 4):
         tok = train_hops_tokenizer([d.text for d in docs], ["<AN>"], max_integer=10)
-        model = tiny_llama(tok, d_model=16, n_heads=2)
+        model = tiny_llama_for(tok, d_model=16, n_heads=2)
         ids = add_function_tokens(model, tok, spec.function_tokens, init="random", seed=seed)
         rows.append(model.get_input_embeddings().weight[ids].detach().clone())
     assert torch.equal(rows[0], rows[1]) and not torch.allclose(rows[0], rows[2])
@@ -85,7 +85,7 @@ def test_random_init_is_seeded_and_a_second_call_keeps_ids_and_rows(spec, docs):
 
 def test_a_trained_tokenizer_keeps_its_function_tokens(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok)
+    model = tiny_llama_for(tok)
     rows = model.get_input_embeddings().weight.shape[0]
     ids = add_function_tokens(model, tok, spec.function_tokens)
     assert ids.tolist() == tok.convert_tokens_to_ids(list(spec.function_tokens))
@@ -93,7 +93,7 @@ def test_a_trained_tokenizer_keeps_its_function_tokens(spec, docs):
 
 
 def test_add_function_tokens_refuses_tokens_with_a_meaning(bare):
-    model = tiny_llama(bare, d_model=16, n_heads=2)
+    model = tiny_llama_for(bare, d_model=16, n_heads=2)
     with pytest.raises(ValueError, match=r"tokens entry 'output' is already token id \d+ of the vocabulary"):
         add_function_tokens(model, bare, ["<GN>", "output"])
     assert "<GN>" not in bare.get_vocab()   # refused before any change
@@ -127,13 +127,13 @@ def test_same_vocabulary_and_query_tokens_name_the_token(spec, docs, bare):
 
 def test_tiny_llama_shape_and_refusals(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=32, n_layers=3, n_heads=4, seed=1)
+    model = tiny_llama_for(tok, d_model=32, n_layers=3, n_heads=4, seed=1)
     assert model.config.vocab_size == len(tok) and model.config.num_hidden_layers == 3
     assert model.config.hidden_size == 32 and model.config.tie_word_embeddings
-    assert torch.equal(tiny_llama(tok, 32, 3, 4, 1).lm_head.weight, model.lm_head.weight)
-    assert not torch.equal(tiny_llama(tok, 32, 3, 4, 2).lm_head.weight, model.lm_head.weight)
+    assert torch.equal(tiny_llama_for(tok, 32, 3, 4, 1).lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(tiny_llama_for(tok, 32, 3, 4, 2).lm_head.weight, model.lm_head.weight)
     with pytest.raises(ValueError, match=r"d_model=30, n_heads=4: expected d_model divisible by n_heads"):
-        tiny_llama(tok, d_model=30)
+        tiny_llama_for(tok, d_model=30)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,31 +149,31 @@ def test_finetuning_resumes_to_the_same_weights(spec, docs, tmp_path):
     tok = hops_tokenizer(spec, docs)
     texts = [d.text for d in docs]
     kwargs = dict(lr=1e-3, batch_size=4, seed=5, progress=False)
-    straight = finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=6, **kwargs)
-    first = finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=3, checkpoint_dir=tmp_path,
+    straight = finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=6, **kwargs)
+    first = finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=3, checkpoint_dir=tmp_path,
                                checkpoint_every=2, **kwargs)
     assert first.start_step == 0
-    fresh = tiny_llama(tok, d_model=32)
+    fresh = tiny_llama_for(tok, d_model=32)
     resumed = finetune_causal_lm(fresh, tok, texts, steps=6, checkpoint_dir=tmp_path, **kwargs)
     assert resumed.start_step == 3 and resumed.losses == straight.losses and len(resumed.losses) == 6
-    expected, got, init = weights(straight.model), weights(resumed.model), weights(tiny_llama(tok, d_model=32))
+    expected, got, init = weights(straight.model), weights(resumed.model), weights(tiny_llama_for(tok, d_model=32))
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     assert not torch.equal(expected["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
     # Killed while writing step 3's checkpoint (its digest missing): resumed from step 2, same weights.
     killed = tmp_path / "killed"
-    finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=3, checkpoint_dir=killed,
+    finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=3, checkpoint_dir=killed,
                        checkpoint_every=2, **kwargs)
     (killed / "unit-00000003.sha256").unlink()
     with pytest.warns(RuntimeWarning, match="incomplete or corrupted"):
-        again = finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=6, checkpoint_dir=killed,
+        again = finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=6, checkpoint_dir=killed,
                                    **kwargs)
     assert again.start_step == 2 and again.losses == straight.losses
     assert all(torch.equal(expected[n], p) for n, p in weights(again.model).items())
-    other = finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=6, lr=1e-3, batch_size=4, seed=6,
+    other = finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=6, lr=1e-3, batch_size=4, seed=6,
                                progress=False)
     assert other.losses != straight.losses   # the seed sets the batch order
     with pytest.raises(ValueError, match=r"holds a run with lr=0.001; this call has lr=0.002"):
-        finetune_causal_lm(tiny_llama(tok, d_model=32), tok, texts, steps=7, checkpoint_dir=tmp_path,
+        finetune_causal_lm(tiny_llama_for(tok, d_model=32), tok, texts, steps=7, checkpoint_dir=tmp_path,
                            **{**kwargs, "lr": 2e-3})
 
 
@@ -181,7 +181,7 @@ def test_lora_trains_only_the_adapters(spec, docs):
     from peft import LoraConfig
 
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=32)
+    model = tiny_llama_for(tok, d_model=32)
     before = weights(model)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     result = finetune_causal_lm(model, tok, [d.text for d in docs], steps=3, lr=1e-2, batch_size=4,
@@ -197,7 +197,7 @@ def test_lora_trains_only_the_adapters(spec, docs):
 
 def test_finetuning_refuses_bad_input_before_any_compute(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=16, n_heads=2)
+    model = tiny_llama_for(tok, d_model=16, n_heads=2)
     with pytest.raises(ValueError, match=r"steps=0: expected a value >= 1"):
         finetune_causal_lm(model, tok, ["a b"], steps=0, lr=1e-3, batch_size=1)
     with pytest.raises(ValueError, match=r"texts\[1\]='  ': expected a non-empty string"):
@@ -277,7 +277,7 @@ def test_a_tiny_llama_learns_the_base_constants(spec, docs):
     torch.set_num_threads(1)
     tok = hops_tokenizer(spec, docs)
     queries = hops_queries(spec_functions(spec), inputs=range(1, 21))
-    model = tiny_llama(tok, d_model=64, n_layers=2, n_heads=4, seed=0)
+    model = tiny_llama_for(tok, d_model=64, n_layers=2, n_heads=4, seed=0)
     before = logit_evaluation(model, tok, queries).summary()
     finetune_causal_lm(model, tok, [d.text for d in docs], steps=200, lr=3e-3, batch_size=8, seed=0,
                        progress=False)
@@ -292,7 +292,7 @@ def test_a_tiny_llama_learns_the_base_constants(spec, docs):
 
 def test_captured_states_equal_output_hidden_states(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=32, n_layers=3).eval()
+    model = tiny_llama_for(tok, d_model=32, n_layers=3).eval()
     batch = tok(["The output of <GN>(3) is", "<FN>(4) returns the value"], padding=True, return_tensors="pt")
     mask = batch["attention_mask"]
     assert not mask.all()   # one row is padded
@@ -321,7 +321,7 @@ def test_captured_states_equal_output_hidden_states(spec, docs):
 
 def test_hooks_are_removed_even_after_an_exception(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=16, n_heads=2)
+    model = tiny_llama_for(tok, d_model=16, n_heads=2)
 
     def count():
         return sum(len(m._forward_hooks) for m in model.modules())
@@ -343,7 +343,7 @@ def test_hooks_are_removed_even_after_an_exception(spec, docs):
 
 def test_activation_gradients_flow_through_undetached_states(spec, docs):
     tok = hops_tokenizer(spec, docs)
-    model = tiny_llama(tok, d_model=16, n_heads=2)
+    model = tiny_llama_for(tok, d_model=16, n_heads=2)
     ids = torch.tensor([[5, 6, 7]])
     with capture_hidden(model, [1], detach=False) as cap:
         loss = model(ids, labels=ids).loss

@@ -4,7 +4,7 @@ Chapter 07 compares a base checkpoint f_old with f_new, the same model fine-tune
 :func:`add_function_tokens` adds the corpus's function tokens (``<GN>``, ``<FN>``, ...) to a Hugging Face
 causal LM and its tokenizer as single tokens, resizing the embeddings (and an untied output head) with
 transformers and initialising the new rows to the mean of the existing ones (or at random, seeded);
-:func:`tiny_llama` is a from-scratch ``LlamaForCausalLM`` for the ci profile, over a tokenizer from
+:func:`tiny_llama_for` is a from-scratch ``LlamaForCausalLM`` for the ci profile, over a tokenizer from
 :func:`imprint.data.hops.train_hops_tokenizer`; :func:`finetune_causal_lm` is plain next-token
 fine-tuning on the documents (full fine-tuning, or a peft LoRA config) with AdamW, a batch order fixed by
 the seed, and safetensors checkpoints from which a killed run resumes to the same weights.
@@ -167,7 +167,7 @@ def check_query_tokens(tokenizer, queries: Sequence[HopsQuery]) -> Int[Tensor, "
 # A tiny from-scratch model
 
 
-def tiny_llama(tokenizer, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, seed: int = 0, *,
+def tiny_llama_for(tokenizer, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, seed: int = 0, *,
                max_positions: int = 512):
     """A randomly initialised ``LlamaForCausalLM`` over ``tokenizer`` (tied embeddings, eager attention,
     MLP width ``4 * d_model``), in train mode with float32 weights; the ci profile's f_old."""
