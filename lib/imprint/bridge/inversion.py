@@ -1,0 +1,180 @@
+"""Inverting Gradients (Geiping et al., 2020): images from a parameter gradient, for the gradient bridge
+(chapter 06).
+
+The attacker knows the model, the labels and a gradient ``g*`` of the mean cross-entropy on a private
+batch (the true gradient, one decoded from a LoRA update, or a control). A candidate batch ``x`` is scored
+by the matching loss of its own gradient ``g(x)``,
+
+    1 - <g(x), g*>_w / (||g(x)||_w ||g*||_w)  +  tv_weight * TV(x),
+
+one cosine over all layers at once (the weighted products and squared norms summed over layers before
+the normalisation, as ``reconstruction_costs(cost_fn="sim")`` of ``inversefed`` and ``CosineSimilarity``
+of ``breaching`` compute it, not an average of per-layer cosines), and ``TV`` the anisotropic total
+variation, the mean absolute difference of horizontal neighbours plus that of vertical ones. The
+candidate moves by Adam on the sign of the objective's gradient, is projected into the box after every
+step, and its step size decays tenfold at 3/8, 5/8 and 7/8 of the iterations; several restarts run as one
+batch along a leading axis (``torch.func.vmap`` of ``grad`` of a ``functional_call``) and the one with the
+lowest final matching loss is returned. Adam acts element by element, so the batch is exactly the
+restarts run one at a time. Written here rather than imported: ``inversefed`` and ``breaching`` are
+research code bases, not maintained libraries, and run restarts one after the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from imprint.runtime.checks import require_float, require_int
+
+DECAY_FRACTIONS = (3 / 8, 5 / 8, 7 / 8)  # the step size is divided by ten at these fractions of the steps
+
+
+def gradient_matching_loss(grads_a: Sequence[Tensor], grads_b: Sequence[Tensor],
+                           weights: Sequence[float] | Tensor | None = None) -> Float[Tensor, ""]:
+    """``1 - cos(g_a, g_b)`` of the gradients concatenated over layers, each layer's products weighted by
+    ``weights[l]`` (default: all 1): 0 for equal directions, 1 for orthogonal, 2 for opposite. A zero
+    gradient counts as orthogonal to everything."""
+    if len(grads_a) != len(grads_b) or not grads_a:
+        raise ValueError(f"grads_a has {len(grads_a)} layers and grads_b {len(grads_b)}: expected the same "
+                         "number, at least one")
+    for i, (a, b) in enumerate(zip(grads_a, grads_b)):
+        if a.shape != b.shape:
+            raise ValueError(f"grads_a[{i}] has shape {tuple(a.shape)} and grads_b[{i}] {tuple(b.shape)}: expected "
+                             "the same shape")
+    if weights is None:
+        weights = [1.0] * len(grads_a)
+    if len(weights) != len(grads_a):
+        raise ValueError(f"weights has {len(weights)} entries: expected one per layer ({len(grads_a)})")
+    dot = norm_a = norm_b = 0.0
+    for w, a, b in zip(weights, grads_a, grads_b):
+        b = b.to(a.dtype)
+        dot = dot + w * (a * b).sum()
+        norm_a = norm_a + w * (a * a).sum()
+        norm_b = norm_b + w * (b * b).sum()
+    tiny = torch.finfo(grads_a[0].dtype).tiny
+    return 1 - dot / (norm_a * norm_b).clamp_min(tiny).sqrt()
+
+
+def total_variation(x: Float[Tensor, "batch channels height width"]) -> Float[Tensor, ""]:
+    """Anisotropic total variation: the mean absolute difference of horizontal neighbours plus the mean
+    absolute difference of vertical neighbours, over the whole batch."""
+    if x.shape[-1] < 2 or x.shape[-2] < 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}: expected images of at least 2x2 pixels")
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def _loss(model: nn.Module, params: dict[str, Tensor], x: Tensor, labels: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(functional_call(model, params, (x,)), labels)
+
+
+def _parameters(model: nn.Module, device: torch.device | None = None) -> dict[str, Tensor]:
+    return {n: p.detach().to(device) for n, p in model.named_parameters()}
+
+
+def model_gradients(model: nn.Module, x: Float[Tensor, "batch channels height width"],
+                    labels: Int[Tensor, " batch"]) -> dict[str, Tensor]:
+    """The gradient of the mean cross-entropy on ``(x, labels)`` with respect to every parameter of
+    ``model`` (a ``functional_call``, the model itself untouched): what a client shares, and what
+    :func:`invert_gradients` computes for its candidates."""
+    if labels.shape != x.shape[:1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}: expected ({x.shape[0]},), one per image of x")
+    params = _parameters(model, x.device)
+    return grad(lambda p: _loss(model, p, x, labels))(params)
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """What :func:`invert_gradients` found: the best restart's images, every restart's final images and
+    matching loss (without the TV term; ``inf`` for a restart that diverged), and which restart won."""
+
+    images: Tensor       # [batch, channels, height, width]
+    candidates: Tensor   # [restarts, batch, channels, height, width]
+    losses: Tensor       # [restarts]
+    best: int
+
+
+def decay_milestones(steps: int) -> list[int]:
+    """The iterations after which the step size is divided by ten: 3/8, 5/8 and 7/8 of ``steps``, rounded down."""
+    return [int(steps * f) for f in DECAY_FRACTIONS]
+
+
+def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequence[Tensor],
+                     labels: Int[Tensor, " batch"], shape: Sequence[int], steps: int, lr: float = 0.1,
+                     tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
+                     box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                     weights: Sequence[float] | None = None) -> InversionResult:
+    """Images ``[batch, *shape[1:]]`` whose gradient under ``model`` matches ``target_grads``.
+
+    ``target_grads`` holds one tensor per parameter of ``model`` (a mapping by name, or a sequence in
+    ``named_parameters`` order); ``labels`` are the private batch's labels (given, not recovered);
+    ``shape`` is ``(batch, channels, height, width)``. Restart ``k`` starts from a standard normal draw of a
+    generator seeded with ``seed + k`` (``init="randn"`` of the anchor), so restart ``k`` alone is
+    ``restarts=1, seed=seed + k``. ``model`` should be in eval mode (its buffers are read, not updated).
+    """
+    steps = require_int("steps", steps, minimum=1)
+    lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
+    tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
+    restarts = require_int("restarts", restarts, minimum=1)
+    seed = require_int("seed", seed)
+    if len(box) != 2 or not float(box[0]) < float(box[1]):
+        raise ValueError(f"box={tuple(box)!r}: expected (lo, hi) with lo < hi")
+    lo, hi = float(box[0]), float(box[1])
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape={shape!r}: expected (batch, channels, height, width), all >= 1")
+    if labels.shape != shape[:1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}: expected ({shape[0]},), one per image")
+    device = torch.device(device)
+    params = _parameters(model, device)
+    names = list(params)
+    if isinstance(target_grads, Mapping):
+        if set(target_grads) != set(names):
+            raise ValueError(f"target_grads has keys {sorted(target_grads)}: expected the parameters of model "
+                             f"{sorted(names)}")
+        target = [target_grads[n] for n in names]
+    else:
+        target = list(target_grads)
+    if len(target) != len(names) or any(t.shape != params[n].shape for t, n in zip(target, names)):
+        raise ValueError(f"target_grads has shapes {[tuple(t.shape) for t in target]}: expected those of the "
+                         f"parameters of model {[tuple(p.shape) for p in params.values()]}")
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"weights has {len(weights)} entries: expected one per parameter ({len(names)})")
+    dtype = next(iter(params.values())).dtype
+    target = [t.detach().to(device, dtype) for t in target]
+    labels = labels.to(device)
+
+    def matching(x: Tensor) -> Tensor:
+        g = grad(lambda p: _loss(model, p, x, labels))(params)
+        return gradient_matching_loss([g[n] for n in names], target, weights)
+
+    def objective(x: Tensor) -> tuple[Tensor, Tensor]:
+        match = matching(x)
+        return match + tv_weight * total_variation(x), match
+
+    step_direction = vmap(grad(objective, has_aux=True))
+    starts = []
+    for k in range(restarts):
+        gen = torch.Generator(device).manual_seed(seed + k)
+        starts.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
+    x = torch.stack(starts)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay_milestones(steps), gamma=0.1)
+    for _ in range(steps):
+        direction, _ = step_direction(x)
+        x.grad = direction.sign()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            x.clamp_(lo, hi)
+    with torch.no_grad():
+        losses = vmap(matching)(x)
+    losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+    best = int(torch.argmin(losses))
+    return InversionResult(images=x[best].clone(), candidates=x.detach(), losses=losses, best=best)
