@@ -50,7 +50,8 @@ def test_matching_loss_is_one_cosine_over_all_layers_with_weighted_layers():
     ta, tb = [torch.from_numpy(x) for x in a], [torch.from_numpy(y) for y in b]
     assert float(gradient_matching_loss(ta, tb, w)) == pytest.approx(1 - dot / np.sqrt(na * nb), abs=1e-12)
     flat = np.concatenate([x.ravel() for x in a]) @ np.concatenate([y.ravel() for y in b])
-    norms = np.linalg.norm(np.concatenate([x.ravel() for x in a])) * np.linalg.norm(np.concatenate([y.ravel() for y in b]))
+    norms = (np.linalg.norm(np.concatenate([x.ravel() for x in a]))
+             * np.linalg.norm(np.concatenate([y.ravel() for y in b])))
     assert float(gradient_matching_loss(ta, tb)) == pytest.approx(1 - flat / norms, abs=1e-12)
     per_layer = np.mean([1 - (x * y).sum() / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(a, b)])
     assert abs(float(gradient_matching_loss(ta, tb)) - per_layer) > 1e-3  # not the mean of per-layer cosines
