@@ -207,10 +207,17 @@ def load_adapter(base: MLP, adapter_dir: str | Path, rank: int | None = None,
 
 def batched_adapted_forward(base: Sequence[Tensor], factors: Mapping[int, tuple[Tensor, Tensor]],
                             scaling: Float[Tensor, " s"], x: Float[Tensor, "s n d"]) -> Float[Tensor, "s n c"]:
-    """The S adapted networks on their inputs (plain ReLU); see :func:`imprint.lora.kkt.adapted_forward`."""
-    from imprint.lora.kkt import adapted_forward
-
-    return adapted_forward(base, factors, scaling, x)
+    """The S ReLU networks ``W_l = W0_l + s B_l A_l`` on their inputs, without forming ``B A``: ``base[l]`` is
+    ``[out, in]`` (shared), ``factors[l] = (A [S, r, in], B [S, out, r])``, ``scaling`` the S scalings."""
+    s = scaling.reshape(-1, 1, 1).to(x.dtype)
+    h = x
+    for i, w in enumerate(base):
+        z = h @ w.transpose(-1, -2)
+        if i in factors:
+            lora_a, lora_b = factors[i]
+            z = z + s * ((h @ lora_a.transpose(-1, -2)) @ lora_b.transpose(-1, -2))
+        h = torch.relu(z) if i < len(base) - 1 else z
+    return h
 
 
 @dataclass

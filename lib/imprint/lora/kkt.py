@@ -30,7 +30,7 @@ from torch import Tensor
 
 from imprint.reconstruction.extraction import FullWeights, StationaritySystem
 from imprint.reconstruction.kkt import (KKTForm, check_weights, kkt_stationarity_loss, modified_relu,
-                                        weighted_outputs)
+                                        surrogate_forward, weighted_outputs)
 
 COUPLED_TERMS = ("A", "B")
 
@@ -38,31 +38,6 @@ COUPLED_TERMS = ("A", "B")
 def _stacked(t: Tensor, k: int) -> Tensor:
     """``t`` with a leading configuration axis of ``k`` (a view when ``t`` is shared)."""
     return t.unsqueeze(0).expand(k, *t.shape) if t.ndim == 2 else t
-
-
-def adapted_forward(base: Sequence[Tensor], factors: Mapping[int, tuple[Tensor, Tensor]],
-                    scaling: Float[Tensor, " k"], x: Float[Tensor, "k m d"], alpha: Float[Tensor, " k"] | None = None
-                    ) -> Float[Tensor, "k m c"]:
-    """Outputs of ``W_l = W0_l + s B_l A_l`` on candidates ``x[k]``, without forming ``B A``.
-
-    ``base[l]`` is ``[out, in]`` or ``[K, out, in]``; ``factors[l] = (A [K, r, in], B [K, out, r])`` (or shared
-    2-D ones); ``scaling`` the K scalings. Hidden activations are ReLU, with ModifiedReLU(alpha) derivatives
-    when ``alpha`` is given (the attack's surrogate); ``alpha=None`` is the plain network.
-    """
-    k = x.shape[0]
-    s = scaling.reshape(-1, 1, 1).to(x.dtype)
-    a = None if alpha is None else alpha.reshape(-1, 1, 1).to(x.dtype)
-    h = x
-    for i, w in enumerate(base):
-        z = h @ _stacked(w, k).transpose(-1, -2)
-        if i in factors:
-            lora_a, lora_b = (_stacked(t, k) for t in factors[i])
-            z = z + s * ((h @ lora_a.transpose(-1, -2)) @ lora_b.transpose(-1, -2))
-        if i < len(base) - 1:
-            h = torch.relu(z) if a is None else modified_relu(z, a)
-        else:
-            h = z
-    return h
 
 
 LINEARISATION_POINTS = ("tuned", "base", "mid")
@@ -102,8 +77,6 @@ def coupled_kkt_loss(base: Sequence[Tensor], factors: Mapping[int, tuple[Tensor,
             perturb[i] = torch.zeros_like(w, requires_grad=True)
             w = w + perturb[i]
         weights.append(w)
-    from imprint.reconstruction.kkt import surrogate_forward
-
     out = surrogate_forward(weights, x, alpha)
     total = weighted_outputs(out, lam, y, form).sum() / m
     layers = sorted(perturb)
@@ -146,11 +119,6 @@ def reference_coupled_residuals(base: Sequence[Tensor], factors: Mapping[int, tu
         full = sums[i] / m
         out[i] = (lora_a - scaling * lora_b.T @ full, lora_b - scaling * full @ lora_a.T)
     return out
-
-
-def _checked(base, factors):
-    _check_factors(base, factors)
-    return factors
 
 
 def _check_factors(base: Sequence[Tensor], factors: Mapping[int, tuple[Tensor, Tensor]], what: str = "factors"
@@ -269,7 +237,8 @@ class WeightUpdate(FullWeights):
                      scaling: float = 1.0, at: str = "tuned") -> "WeightUpdate":
         """The product ``s B A`` of a LoRA fine-tune (2-D factors), its gradients taken at the fine-tuned
         weights (``at="tuned"``) or at the base (``at="base"``)."""
-        return cls.from_update(base, {i: float(scaling) * b @ a for i, (a, b) in _checked(base, factors).items()}, at)
+        _check_factors(base, factors)
+        return cls.from_update(base, {i: float(scaling) * b @ a for i, (a, b) in factors.items()}, at)
 
     @classmethod
     def from_update(cls, base: Sequence[Tensor], updates: Mapping[int, Tensor], at: str = "tuned") -> "WeightUpdate":
