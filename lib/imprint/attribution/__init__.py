@@ -4,4 +4,6 @@ fine-tuning that turns f_old into f_new (:mod:`imprint.attribution.models`); the
 scores the single-token integer answers of the prompts ``"The output of <F>(x) is "`` and picks the
 queries a model answers correctly (:mod:`imprint.attribution.evaluation`); and forward hooks, registered
 in a context manager that always removes them, that capture per-layer hidden states at chosen token
-positions (:mod:`imprint.attribution.hooks`)."""
+positions (:mod:`imprint.attribution.hooks`). The ranking metrics of a score matrix against the relevant
+documents, with bootstrap intervals over queries and a paired test between methods, are in
+:mod:`imprint.attribution.metrics`."""
