@@ -11,7 +11,7 @@ embedding output, ℓ the output of decoder block ℓ, and the last one after th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -114,3 +114,31 @@ def position_weights(attention_mask: Int[Tensor, "b s"], pooling: str = "last",
     if not span.any(1).all():
         raise ValueError("span has a row without any attended token: expected at least one per row")
     return span.float() / span.sum(1, keepdim=True)
+
+
+def n_hidden_layers(model) -> int:
+    """The index of the last hidden state (after the final norm): layers are numbered 0..this."""
+    return len(_modules(model)) - 1
+
+
+@contextlib.contextmanager
+def replace_hidden(model, layer: int, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, hidden state ``layer`` (numbered as in :func:`capture_hidden`) of every forward
+    pass is replaced by ``replace(hidden)`` (same shape) before the rest of the model reads it; the hook
+    is removed when the block ends, whether or not it raised."""
+    modules = _modules(model)
+    layer = require_int("layer", layer, minimum=0, maximum=len(modules) - 1)
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = replace(hidden)
+        if new.shape != hidden.shape:
+            raise ValueError(f"replace returned shape {tuple(new.shape)}: expected {tuple(hidden.shape)}, that "
+                             f"of hidden state {layer}")
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = modules[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
