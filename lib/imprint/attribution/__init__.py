@@ -6,4 +6,6 @@ queries a model answers correctly (:mod:`imprint.attribution.evaluation`); and f
 in a context manager that always removes them, that capture per-layer hidden states at chosen token
 positions (:mod:`imprint.attribution.hooks`). The ranking metrics of a score matrix against the relevant
 documents, with bootstrap intervals over queries and a paired test between methods, are in
-:mod:`imprint.attribution.metrics`."""
+:mod:`imprint.attribution.metrics`. The baselines every method is compared with (random, BM25 and edit
+distance over the model's tokens, sentence embeddings, hidden-state and projected-gradient cosines,
+EK-FAC influence through kronfluence) are in :mod:`imprint.attribution.baselines`."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -169,19 +169,24 @@ def word_tokens(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> Float[Tensor, "n_q n_d"]:
+def bm25_scores(queries: Sequence[str], documents: Sequence[str],
+                tokenize: Callable[[str], list[str]] = word_tokens) -> Float[Tensor, "n_q n_d"]:
     """Okapi BM25 score (``rank_bm25`` defaults, k1 = 1.5, b = 0.75) of every document for every query.
 
     The corpus statistics (term frequencies, document lengths, idf with its floor) are ``rank_bm25``'s;
     the scores are its ``get_scores`` summed over every query word, written as one sparse product: query
     word counts times the documents' per-word BM25 weights (a word no document contains adds nothing).
+    ``tokenize`` turns a text into its terms: :func:`word_tokens` by default, or e.g. a model
+    tokenizer's tokens (chapter 07's baseline).
     """
     from rank_bm25 import BM25Okapi
     from scipy import sparse
 
     if not queries or not documents:
         raise ValueError("queries and documents must both be non-empty")
-    bm25 = BM25Okapi([word_tokens(d) for d in documents])
+    if not callable(tokenize):
+        raise ValueError(f"tokenize={tokenize!r}: expected a callable from a text to its list of terms")
+    bm25 = BM25Okapi([tokenize(d) for d in documents])
     vocabulary = {word: j for j, word in enumerate(bm25.idf)}
     norm = bm25.k1 * (1 - bm25.b + bm25.b * np.asarray(bm25.doc_len, dtype=np.float64) / bm25.avgdl)
     rows, cols, weights = [], [], []
@@ -193,7 +198,7 @@ def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> Float[Tenso
     doc_weights = sparse.csr_matrix((weights, (rows, cols)), shape=(len(documents), len(vocabulary)))
     q_rows, q_cols = [], []
     for i, query in enumerate(queries):
-        for word in word_tokens(query):
+        for word in tokenize(query):
             if word in vocabulary:
                 q_rows.append(i)
                 q_cols.append(vocabulary[word])
