@@ -110,9 +110,9 @@ def test_regimes_train_on_what_the_paper_prescribes(tmp_path, monkeypatch):
     seen = []
     real = train = sc.train_ddpm_ensemble
 
-    def spy(datasets, seeds, config, opts, device, init=None, vectorize=None, cuda_graph=None):
+    def spy(datasets, seeds, config, opts, device, init=None, vectorize=None, cuda_graph=None, **checkpointing):
         seen.append([d[0] for d in datasets])
-        return real(datasets, seeds, config, opts, device, init=init, vectorize=vectorize)
+        return real(datasets, seeds, config, opts, device, init=init, vectorize=vectorize, **checkpointing)
 
     monkeypatch.setattr(sc, "train_ddpm_ensemble", spy)
     opts = options(seeds=(0,))

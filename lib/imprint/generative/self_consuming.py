@@ -11,6 +11,8 @@ share the generation-0 model (its training does not depend on the regime). After
 (samples, labels, losses, and whatever ``evaluate`` returns) is checkpointed with its sha256; a run restarted
 in the same folder continues after the last valid record, recomputes a corrupted one, and produces the same
 numbers; a folder written with another architecture or other settings is refused before any compute.
+Within a generation the training itself checkpoints every few seconds, so that a run killed mid-training
+resumes that generation where it stopped, to the same weights.
 ``first_departure`` is the detection rule of the chapter: the first generation at which a signal leaves
 the band that its generation-0 values span over seeds.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +37,30 @@ from tqdm.auto import tqdm
 from imprint.models.ddpm import (DDPMConfig, DDPMEnsemble, DDPMTrainOptions, balanced_labels,
                                  check_guidance_weight, derive_seed, sample_ddpm_ensemble, train_ddpm_ensemble)
 from imprint.runtime.checkpoint import Checkpointer
-from imprint.runtime.checks import require_choice, require_int
+from imprint.runtime.checks import require_choice, require_float, require_int
 
 REGIMES = ("fully_synthetic", "synthetic_augmentation", "fresh_data")
 
 # stage codes of derive_seed: one independent random stream per (seed, generation, stage)
 _REAL_DRAW, _TRAIN, _SAMPLE = 3, 5, 7
+# the in-flight training of generation g checkpoints into <folder>/training/generation-<g>
+_TRAINING = re.compile(r"^generation-(\d{4,})$")
+
+
+def _training_dir(folder: Path, generation: int) -> Path:
+    return folder / "training" / f"generation-{generation:04d}"
+
+
+def _discard_training_states(folder: Path, keep: int | None) -> None:
+    """Remove the training checkpoints of every generation but ``keep``: they are either superseded by a
+    generation record or depend on a generation that is being recomputed."""
+    root = folder / "training"
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        match = _TRAINING.match(path.name)
+        if match and path.is_dir() and int(match.group(1)) != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -189,13 +211,25 @@ def _record_from_checkpoint(ckpt) -> GenerationRecord:
 def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[Tensor, " n"], config: DDPMConfig,
                             options: LoopOptions, folder: str | Path, device: str | torch.device = "cpu",
                             evaluate: Evaluate | None = None, vectorize: bool | None = None,
-                            progress: bool = True, cuda_graph: bool | None = None) -> list[GenerationRecord]:
+                            progress: bool = True, cuda_graph: bool | None = None,
+                            checkpoint_seconds: float | None = 5.0, checkpoint_every: int | None = None,
+                            on_train_step: Callable[[int, int], None] | None = None) -> list[GenerationRecord]:
     """Run (or resume) every chain for every seed; returns one record per generation.
 
     ``pool_x`` are the real images available for training (in [-1, 1]), ``pool_labels`` their classes.
     ``evaluate(generation, members, samples, labels, ensemble, model_index)`` returns one JSON-able dict per
     member (``ensemble`` member ``model_index[i]`` generated ``samples[i]``); it is stored in the record.
+
+    Within a generation, the ensemble's training checkpoints into ``folder/training/generation-<g>`` every
+    ``checkpoint_seconds`` of wall time and/or every ``checkpoint_every`` steps, and after its last step;
+    a run killed mid-training resumes that generation from its last checkpoint, with the same weights as an
+    uninterrupted run, and the folder is removed once the generation's record is saved. ``on_train_step(g,
+    k)`` is called after training step k of generation g (tests use it to simulate a kill).
     """
+    if checkpoint_seconds is not None:
+        require_float("checkpoint_seconds", checkpoint_seconds, minimum=0.0, strict_minimum=True)
+    if checkpoint_every is not None:
+        require_int("checkpoint_every", checkpoint_every, minimum=1)
     if tuple(pool_x.shape[1:]) != config.image_shape or pool_labels.shape != (pool_x.shape[0],):
         raise ValueError(f"pool_x has shape {tuple(pool_x.shape)} and pool_labels {tuple(pool_labels.shape)}: "
                          f"expected [n, *{config.image_shape}] and [n]")
@@ -242,13 +276,17 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
     bar = tqdm(range(start, options.n_generations), desc="generations", disable=not progress)
     for g in bar:
         members = options.members(g)
+        _discard_training_states(folder, keep=g)
+        checkpointing = {"checkpoint_dir": _training_dir(folder, g), "checkpoint_seconds": checkpoint_seconds,
+                         "checkpoint_every": checkpoint_every,
+                         "on_step": None if on_train_step is None else (lambda k, g=g: on_train_step(g, k))}
         t0 = time.perf_counter()
         if g == 0:
             datasets = [real_set(s, 0) for s in options.seeds]
             train_seeds = [derive_seed(s, 0, _TRAIN) for s in options.seeds]
             model_index = [seed_pos[s] for _, s in members]
             ens, losses = train_ddpm_ensemble(datasets, train_seeds, config, options.first_train, device,
-                                              vectorize=vectorize, cuda_graph=cuda_graph)
+                                              vectorize=vectorize, cuda_graph=cuda_graph, **checkpointing)
         else:
             prev = records[g - 1]
             datasets = []
@@ -270,7 +308,7 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
             train_seeds = [derive_seed(s, g, _TRAIN) for _, s in members]
             model_index = list(range(len(members)))
             ens, losses = train_ddpm_ensemble(datasets, train_seeds, config, options.next_train, device, init=init,
-                                              vectorize=vectorize, cuda_graph=cuda_graph)
+                                              vectorize=vectorize, cuda_graph=cuda_graph, **checkpointing)
         t1 = time.perf_counter()  # the trainer returns its losses on the CPU: the GPU work is done
         # sample: members sharing a model and a guidance weight share the same samples (common noise)
         keys = [(model_index[i], options.chains[ci].guidance_weight, s) for i, (ci, s) in enumerate(members)]
@@ -294,6 +332,7 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
         records.append(GenerationRecord(g, members, samples.float(), labels, train_loss,
                                         json.loads(json.dumps(evaluation)), seconds))
         previous_weights, previous_index = ens, model_index
+        _discard_training_states(folder, keep=None)  # the record and the weights supersede them
     return records
 
 

@@ -17,9 +17,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
+import random
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from tqdm.auto import tqdm
 from imprint.runtime.checks import require_choice, require_float, require_int
 
 Precision = Literal["fp32", "tf32", "bf16"]
+_clock = time.monotonic  # the wall clock of time-based checkpoints (a test replaces it by a counter)
 
 
 @dataclass(frozen=True)
@@ -411,10 +416,57 @@ def _use_cuda_graph(cuda_graph: bool | None, device: torch.device, vectorized: b
     return bool(cuda_graph)
 
 
+def _training_key(datasets, seeds: Sequence[int], config: DDPMConfig, options: DDPMTrainOptions,
+                  init: DDPMEnsemble | None) -> dict:
+    """What fixes a training run's trajectory (stored with its checkpoints): a resumed call must match it."""
+    data = hashlib.sha256()
+    for x, lab in datasets:
+        data.update(x.detach().cpu().float().contiguous().numpy().tobytes())
+        data.update(lab.detach().cpu().long().contiguous().numpy().tobytes())
+    init_digest = None
+    if init is not None:
+        h = hashlib.sha256()
+        for k in sorted(init.params):
+            h.update(k.encode())
+            h.update(init.params[k].detach().cpu().float().contiguous().numpy().tobytes())
+        init_digest = h.hexdigest()
+    opts = asdict(options)
+    opts.pop("progress")  # showing a bar does not change the numbers
+    return {"architecture": config.architecture(), "options": opts, "seeds": [int(s) for s in seeds],
+            "data_sha256": data.hexdigest(), "init_sha256": init_digest}
+
+
+def _global_rng_state(device: torch.device) -> tuple[dict[str, Tensor], dict]:
+    """torch (CPU and, on a CUDA device, that device's), numpy's legacy and Python's global RNG states."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.as_tensor(np.asarray(np_state[1], dtype=np.int64)),
+               "rng.python": torch.as_tensor(py_state[1], dtype=torch.int64)}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    meta = {"numpy": [str(np_state[0]), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_state[0], py_state[2]]}
+    return tensors, meta
+
+
+def _set_global_rng_state(tensors: dict[str, Tensor], meta: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, gauss_next = meta["python"]
+    random.setstate((version, tuple(int(v) for v in tensors["rng.python"].tolist()), gauss_next))
+
+
 def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequence[int], config: DDPMConfig,
                         options: DDPMTrainOptions, device: str | torch.device = "cpu",
                         init: DDPMEnsemble | None = None, vectorize: bool | None = None,
-                        cuda_graph: bool | None = None) -> tuple[DDPMEnsemble, Float[Tensor, "m n_steps"]]:
+                        cuda_graph: bool | None = None, checkpoint_dir: str | Path | None = None,
+                        checkpoint_every: int | None = None, checkpoint_seconds: float | None = None,
+                        on_step: Callable[[int], None] | None = None
+                        ) -> tuple[DDPMEnsemble, Float[Tensor, "m n_steps"]]:
     """Train one denoiser per ``(datasets[m], seeds[m])``; returns the ensemble and per-step losses.
 
     Images are ``[n, c, h, w]`` in [-1, 1], labels in ``[0, n_classes)``. ``init`` warm-starts from given
@@ -427,14 +479,36 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
     for the rest: the same computation without the per-kernel launch cost that dominates a network this
     small. Each step's batch is still drawn outside the graph, from the members' own generators, into the
     graph's input buffers, so both paths see the same batches.
+
+    With ``checkpoint_dir`` the training state (weights, Adam's moments and step counts, the members'
+    generators, the losses so far, and the global torch/CUDA, numpy and Python RNG states) is saved
+    atomically, with its sha256, after every ``checkpoint_every`` steps, whenever ``checkpoint_seconds``
+    of wall time have passed since the last save (or the start), and after the last step. A call with the
+    same arguments and folder resumes from the newest valid checkpoint and returns bit-identical weights
+    and losses to an uninterrupted run (saving reads the state and draws no random numbers); a folder
+    written for other data, seeds, initial weights or options is refused. ``on_step(k)`` is called after
+    step k (counted from 1) and its checkpoint, if any; an exception it raises stops the training there.
     """
     if len(datasets) != len(seeds) or len(seeds) < 1:
         raise ValueError(f"datasets has {len(datasets)} entries and seeds {len(seeds)}: expected the same "
                          f"number, at least one")
     _check_training_sets(datasets, config)
+    if checkpoint_every is not None:
+        require_int("checkpoint_every", checkpoint_every, minimum=1)
+    if checkpoint_seconds is not None:
+        require_float("checkpoint_seconds", checkpoint_seconds, minimum=0.0, strict_minimum=True)
+    if checkpoint_dir is None and (checkpoint_every is not None or checkpoint_seconds is not None):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r}, checkpoint_seconds={checkpoint_seconds!r} "
+                         f"given without checkpoint_dir: expected a folder to checkpoint into")
     device = torch.device(device)
     if init is not None and init.n_members != len(seeds):
         raise ValueError(f"init has {init.n_members} members: expected {len(seeds)}")
+    ckpt, run_key = None, None
+    if checkpoint_dir is not None:
+        from imprint.runtime.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(checkpoint_dir, keep=2)
+        run_key = _training_key(datasets, seeds, config, options, init)
     ens = (init.to(device) if init is not None else
            DDPMEnsemble.initialise(config, [derive_seed(s, 0) for s in seeds], device))
     ens = DDPMEnsemble(config, {k: v.detach().clone().float().requires_grad_(True) for k, v in ens.params.items()},
@@ -479,12 +553,62 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
         opt.step()
         return per_member.detach()
 
-    steps = range(options.n_steps)
+    names = list(ens.params)
+
+    def save(completed: int) -> None:
+        """The state after ``completed`` steps (read only: no random numbers are drawn)."""
+        tensors = {f"params.{k}": v.detach() for k, v in ens.params.items()}
+        for k, leaf in zip(names, leaves):
+            for slot, value in opt.state.get(leaf, {}).items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{k}.{slot}"] = value.detach()
+        tensors["generators"] = torch.stack([g.get_state() for g in gens])
+        tensors["losses"] = losses[:, :completed]
+        rng_tensors, rng_meta = _global_rng_state(device)
+        tensors.update(rng_tensors)
+        ckpt.save(completed, tensors, {"key": run_key, "n_steps": options.n_steps, "rng": rng_meta})
+
+    start = 0
+    state = ckpt.latest(max_unit=options.n_steps) if ckpt is not None else None
+    if state is not None:
+        if state.meta.get("key") != run_key:
+            stored = state.meta.get("key") or {}
+            changed = sorted(k for k in set(stored) | set(run_key) if stored.get(k) != run_key.get(k))
+            raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} holds a training run with other inputs or "
+                             f"settings (differing: {changed}); use a fresh folder or delete it")
+        start = state.unit
+        t = state.tensors
+        with torch.no_grad():
+            for k, leaf in ens.params.items():
+                leaf.copy_(t[f"params.{k}"])
+        slots: dict[str, dict[str, Tensor]] = {}
+        for key, value in t.items():
+            if key.startswith("optim."):
+                name, slot = key[len("optim."):].rsplit(".", 1)
+                slots.setdefault(name, {})[slot] = value
+        # set directly rather than through load_state_dict, which would deep-copy the param groups and with
+        # them the device-side learning rate that the graphed path updates in place
+        group = opt.param_groups[0]
+        on_device = bool(group.get("capturable") or group.get("fused"))
+        for k, leaf in zip(names, leaves):
+            if k in slots:  # the step count stays on the CPU unless Adam keeps it on the device (as Adam does)
+                opt.state[leaf] = {slot: v.to(leaf.device, copy=True) if (slot != "step" or on_device) else v.clone()
+                                   for slot, v in slots[k].items()}
+        for g, g_state in zip(gens, t["generators"]):
+            g.set_state(g_state.clone())
+        losses[:, :start] = t["losses"].to(device)
+        _set_global_rng_state(t, state.meta["rng"], device)
+        print(f"DDPM training: resumed from the checkpoint of step {start}/{options.n_steps} in "
+              f"{str(checkpoint_dir)!r}", file=sys.stderr, flush=True)
+
+    steps = range(start, options.n_steps)
     if options.progress:
-        steps = tqdm(steps, desc=f"train {len(seeds)} DDPM", leave=False)
-    n_eager = min(3, options.n_steps) if graphed else options.n_steps
+        steps = tqdm(steps, desc=f"train {len(seeds)} DDPM", leave=False, initial=start, total=options.n_steps)
+    # eager steps warm up the kernels and the optimiser state before a graph is recorded (again after a resume)
+    n_eager = start + min(3, options.n_steps - start) if graphed else options.n_steps
     graph, graph_loss = None, None
     side = torch.cuda.Stream(device) if graphed else None
+    last_save = _clock()
     for step in steps:
         draw(step)
         if step < n_eager:
@@ -496,14 +620,23 @@ def train_ddpm_ensemble(datasets: Sequence[tuple[Tensor, Tensor]], seeds: Sequen
                 losses[:, step] = forward_backward_update()
             if graphed:
                 torch.cuda.current_stream(device).wait_stream(side)
-            continue
-        if graph is None:
-            opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                graph_loss = forward_backward_update()
-        graph.replay()
-        losses[:, step] = graph_loss
+        else:
+            if graph is None:
+                opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's own memory pool
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    graph_loss = forward_backward_update()
+            graph.replay()
+            losses[:, step] = graph_loss
+        completed = step + 1
+        if ckpt is not None:
+            now = _clock()
+            if (completed == options.n_steps or (checkpoint_every is not None and completed % checkpoint_every == 0)
+                    or (checkpoint_seconds is not None and now - last_save >= checkpoint_seconds)):
+                save(completed)
+                last_save = _clock()
+        if on_step is not None:
+            on_step(completed)
     trained = DDPMEnsemble(config, {k: v.detach() for k, v in ens.params.items()}, ens.buffers, ens.vectorize)
     return trained, losses.cpu()
 
