@@ -263,3 +263,58 @@ def test_bad_input_is_refused_by_name(call, name):
     relevant = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         call(scores, relevant)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cluster bootstrap
+
+
+def test_singleton_clusters_give_the_query_bootstrap():
+    gen = torch.Generator().manual_seed(3)
+    pq = {"x": torch.rand(23, generator=gen, dtype=torch.float64)}
+    groups = {"g": torch.arange(23) % 3 == 0}
+    plain = summarise(pq, groups, n_boot=200, seed=5)
+    clustered = summarise(pq, groups, n_boot=200, seed=5, clusters=torch.arange(23))
+    for split in plain:
+        for k in ("mean", "lo", "hi"):
+            assert clustered[split]["x"][k] == pytest.approx(plain[split]["x"][k], abs=1e-12)
+    a, b = torch.rand(23, generator=gen), torch.rand(23, generator=gen)
+    p_plain = paired_difference(a, b, n_boot=200, seed=1, n_perm=500)
+    p_clustered = paired_difference(a, b, n_boot=200, seed=1, n_perm=500, clusters=torch.arange(23))
+    for k in ("lo", "hi", "p"):
+        assert p_clustered[k] == pytest.approx(p_plain[k], abs=1e-12)
+
+
+def test_cluster_bootstrap_matches_a_loop_over_drawn_clusters():
+    clusters = torch.tensor([0, 0, 0, 1, 2, 2, 5, 5, 5, 5])
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 1.0, 4.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    n_boot, level = 400, 0.9
+    got = summarise({"v": values}, n_boot=n_boot, seed=7, level=level, clusters=clusters)["overall"]["v"]
+    gen = torch.Generator().manual_seed(7)
+    ids = [0, 1, 2, 5]
+    draws = torch.randint(len(ids), (n_boot, len(ids)), generator=gen)
+    means = []
+    for row in draws.tolist():
+        picked = torch.cat([values[clusters == ids[j]] for j in row])
+        means.append(float(picked.mean()))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    assert got["lo"] == pytest.approx(lo) and got["hi"] == pytest.approx(hi) and got["clusters"] == 4
+
+
+def test_identical_copies_within_clusters_do_not_narrow_the_interval():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(12, generator=gen, dtype=torch.float64)
+    copies = base.repeat_interleave(10)
+    clusters = torch.arange(12).repeat_interleave(10)
+    once = summarise({"v": base}, n_boot=300, seed=2)["overall"]["v"]
+    clustered = summarise({"v": copies}, n_boot=300, seed=2, clusters=clusters)["overall"]["v"]
+    naive = summarise({"v": copies}, n_boot=300, seed=2)["overall"]["v"]
+    assert clustered["lo"] == pytest.approx(once["lo"]) and clustered["hi"] == pytest.approx(once["hi"])
+    assert naive["hi"] - naive["lo"] < 0.5 * (clustered["hi"] - clustered["lo"])
+
+
+def test_clusters_are_refused_by_name():
+    with pytest.raises(ValueError, match="clusters"):
+        summarise({"v": torch.rand(4)}, clusters=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="clusters"):
+        paired_difference(torch.rand(4), torch.rand(4), clusters=torch.zeros(4))

@@ -504,10 +504,14 @@ def difference_probes(model_old, model_new, layers: Sequence[int], n_probes: int
     with torch.no_grad():
         embeds = x.detach().to(dtype)
         kl_end = _next_token_kl(model_old, model_new, embeds).cpu()
-        with capture_hidden(model_old, layers) as old:
-            model_old(inputs_embeds=embeds)
-        with capture_hidden(model_new, layers) as new:
-            model_new(inputs_embeds=embeds)
-        delta = torch.stack([(new.states[layer][:, -1] - old.states[layer][:, -1]).float().cpu()
-                             for layer in layers])
+        inner = [layer for layer in layers if layer > 0]  # state 0 is the probe itself, the same in both
+        states = {}
+        if inner:
+            with capture_hidden(model_old, inner) as old:
+                model_old(inputs_embeds=embeds)
+            with capture_hidden(model_new, inner) as new:
+                model_new(inputs_embeds=embeds)
+            states = {layer: (new.states[layer][:, -1] - old.states[layer][:, -1]).float().cpu() for layer in inner}
+        zero = torch.zeros(n_probes, embeds.shape[-1])
+        delta = torch.stack([states.get(layer, zero) for layer in layers])
     return Probes(embeddings=embeds.float().cpu(), kl_start=kl_start, kl_end=kl_end, layers=layers, delta=delta)

@@ -181,8 +181,8 @@ def _bootstrap_means(values: Tensor, n_boot: int, generator: torch.Generator) ->
 
 
 def summarise(per_query: Mapping[str, Tensor], groups: Mapping[str, Tensor] | None = None,
-              n_boot: int = 1000, seed: int = 0, level: float = 0.95
-              ) -> dict[str, dict[str, dict[str, float | int]]]:
+              n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+              clusters: Int[Tensor, " _q"] | None = None) -> dict[str, dict[str, dict[str, float | int]]]:
     """Mean of each per-query metric with a percentile-bootstrap interval, overall and per group.
 
     For a split of m queries the bootstrap draws an index matrix
@@ -192,6 +192,10 @@ def summarise(per_query: Mapping[str, Tensor], groups: Mapping[str, Tensor] | No
     and every metric of a split uses the same resamples. ``groups`` maps a name to a boolean mask over
     the q queries (``{"base": depth == 0, "wrapper": depth >= 1}``); a group that selects no query is left
     out of the result. Returns ``{"overall": {metric: {"mean", "lo", "hi", "n"}}, group: {...}}``.
+
+    With ``clusters`` (one integer label per query, e.g. its function) the bootstrap resamples whole
+    clusters instead (:func:`cluster_weights`): queries of one cluster are not independent draws, and the
+    interval then reflects the number of clusters, not of queries; ``"clusters"`` gives their number.
     """
     if not isinstance(per_query, Mapping) or not per_query:
         raise ValueError(f"per_query={per_query!r}: expected a non-empty dict of per-query metric tensors")
@@ -211,6 +215,7 @@ def summarise(per_query: Mapping[str, Tensor], groups: Mapping[str, Tensor] | No
     n_boot = require_int("n_boot", n_boot, minimum=1)
     seed = require_int("seed", seed)
     level = _require_level(level)
+    clusters = _require_clusters(clusters, q)
 
     out = {}
     for split, mask in splits.items():
@@ -218,18 +223,46 @@ def summarise(per_query: Mapping[str, Tensor], groups: Mapping[str, Tensor] | No
         if m == 0:
             continue
         rows = values[:, mask]
-        index = torch.randint(m, (n_boot, m), generator=torch.Generator().manual_seed(seed))
-        boot = rows[:, index].mean(2)
+        generator = torch.Generator().manual_seed(seed)
+        extra = {}
+        if clusters is None:
+            index = torch.randint(m, (n_boot, m), generator=generator)
+            boot = rows[:, index].mean(2)
+        else:
+            w = cluster_weights(clusters[mask], n_boot, generator)
+            boot = (rows @ w.T) / w.sum(1)
+            extra = {"clusters": int(torch.unique(clusters[mask]).numel())}
         out[split] = {}
         for name, v, b in zip(names, rows, boot):
             lo, hi = _interval(b, level)
-            out[split][name] = {"mean": float(v.mean()), "lo": lo, "hi": hi, "n": m}
+            out[split][name] = {"mean": float(v.mean()), "lo": lo, "hi": hi, "n": m, **extra}
     return out
+
+
+def _require_clusters(clusters, q: int) -> Tensor | None:
+    if clusters is None:
+        return None
+    if not isinstance(clusters, Tensor) or clusters.dtype not in (torch.int32, torch.int64) \
+            or tuple(clusters.shape) != (q,):
+        got = (clusters.dtype, tuple(clusters.shape)) if isinstance(clusters, Tensor) else type(clusters).__name__
+        raise ValueError(f"clusters is {got}: expected integer labels of shape ({q},), one per query")
+    return clusters.cpu()
+
+
+def cluster_weights(clusters: Int[Tensor, " m"], n_boot: int, generator: torch.Generator) -> Float[Tensor, "b m"]:
+    """Cluster-bootstrap weights: each of ``n_boot`` resamples draws as many clusters as there are, with
+    replacement, and weighs every query by how often its cluster was drawn."""
+    _, inverse = torch.unique(clusters, return_inverse=True)
+    k = int(inverse.max()) + 1
+    draws = torch.randint(k, (n_boot, k), generator=generator)
+    counts = torch.zeros(n_boot, k, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n_boot, k,
+                                                                                          dtype=torch.float64))
+    return counts[:, inverse]
 
 
 def paired_difference(per_query_a: Tensor | Mapping[str, Tensor],
                       per_query_b: Tensor | Mapping[str, Tensor], n_boot: int = 1000, seed: int = 0,
-                      level: float = 0.95, n_perm: int = 10000) -> dict:
+                      level: float = 0.95, n_perm: int = 10000, clusters: Tensor | None = None) -> dict:
     """Mean paired difference a - b over the same queries, with a bootstrap interval and a permutation test.
 
     With d_i = a_i - b_i over q queries: ``mean`` is the mean of d; ``lo`` and ``hi`` the percentile
@@ -238,7 +271,8 @@ def paired_difference(per_query_a: Tensor | Mapping[str, Tensor],
     vectors s in {-1, 1}^q (the null: a and b are exchangeable within each query). One generator seeded
     with ``seed`` draws the bootstrap indices, then the signs. Returns ``{"mean", "lo", "hi", "p", "n",
     "mean_a", "mean_b"}``; given two dicts of per-query metrics with the same keys, one such dict per
-    metric.
+    metric. With ``clusters`` the bootstrap resamples whole clusters and the signs flip per cluster (the
+    null: a and b exchangeable within each cluster).
     """
     if isinstance(per_query_a, Mapping) or isinstance(per_query_b, Mapping):
         ka, kb = (sorted(v) if isinstance(v, Mapping) else type(v).__name__
@@ -246,7 +280,7 @@ def paired_difference(per_query_a: Tensor | Mapping[str, Tensor],
         if not isinstance(ka, list) or not ka or ka != kb:
             raise ValueError(f"per_query_a has {ka} and per_query_b {kb}: expected two tensors, or two "
                              "non-empty dicts with the same metrics")
-        return {k: paired_difference(per_query_a[k], per_query_b[k], n_boot, seed, level, n_perm)
+        return {k: paired_difference(per_query_a[k], per_query_b[k], n_boot, seed, level, n_perm, clusters)
                 for k in per_query_a}
     a = _per_query_vector("per_query_a", per_query_a)
     b = _per_query_vector("per_query_b", per_query_b, a.numel())
@@ -257,14 +291,22 @@ def paired_difference(per_query_a: Tensor | Mapping[str, Tensor],
 
     d = a - b
     q = d.numel()
+    clusters = _require_clusters(clusters, q)
     generator = torch.Generator().manual_seed(seed)
-    lo, hi = _interval(_bootstrap_means(d, n_boot, generator), level)
+    if clusters is None:
+        lo, hi = _interval(_bootstrap_means(d, n_boot, generator), level)
+        inverse, k = torch.arange(q), q
+    else:
+        w = cluster_weights(clusters, n_boot, generator)
+        lo, hi = _interval((w @ d) / w.sum(1), level)
+        inverse = torch.unique(clusters, return_inverse=True)[1]
+        k = int(inverse.max()) + 1
     observed = float(d.mean().abs())
     tolerance = 1e-12 * max(1.0, float(d.abs().max()))
     extreme, chunk = 0, max(1, 2**22 // q)
     for start in range(0, n_perm, chunk):
         rows = min(chunk, n_perm - start)
-        signs = torch.randint(2, (rows, q), generator=generator, dtype=torch.float64) * 2 - 1
+        signs = (torch.randint(2, (rows, k), generator=generator, dtype=torch.float64) * 2 - 1)[:, inverse]
         extreme += int(((signs @ d).abs() / q >= observed - tolerance).sum())
     return {"mean": float(d.mean()), "lo": lo, "hi": hi, "p": (1 + extreme) / (1 + n_perm), "n": q,
             "mean_a": float(a.mean()), "mean_b": float(b.mean())}
