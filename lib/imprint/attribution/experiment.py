@@ -85,7 +85,7 @@ def base_model(model: str, documents: Sequence[HopsDocument], *, d_model: int = 
 
 def fine_tune(f_old, tokenizer, documents: Sequence[HopsDocument], *, steps: int, lr: float, batch_size: int,
               seed: int, device: str, checkpoint_dir: str | Path | None, lora_rank: int = 0,
-              warmup_steps: int = 0, max_length: int = 256, progress: bool = False):
+              warmup_steps: int = 0, max_length: int = 256, progress: bool = False, checkpoint_every: int = 250):
     """f_new: a copy of f_old fine-tuned on the documents' texts (full fine-tuning, or LoRA of rank
     ``lora_rank`` on every linear layer with the embedding rows of the new tokens trained, merged back);
     returns it with the loss of every step."""
@@ -100,7 +100,8 @@ def fine_tune(f_old, tokenizer, documents: Sequence[HopsDocument], *, steps: int
                           trainable_token_indices={"embed_tokens": new_ids})
     result = finetune_causal_lm(f_new, tokenizer, [d.text for d in documents], steps=steps, lr=lr,
                                 batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir, seed=seed,
-                                lora=lora, warmup_steps=warmup_steps, max_length=max_length, progress=progress)
+                                lora=lora, warmup_steps=warmup_steps, max_length=max_length, progress=progress,
+                                checkpoint_every=checkpoint_every)
     model = result.model.merge_and_unload() if lora_rank else result.model
     return model.eval(), result.losses
 
@@ -424,14 +425,21 @@ def plot_accuracy(eval_old: LogitEvaluation, eval_new: LogitEvaluation, losses: 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1, 2]})
     ax0.plot(range(1, len(losses) + 1), losses, lw=0.8)
     ax0.set(xlabel="fine-tuning step", ylabel="next-token loss", yscale="log", title="f_old → f_new")
-    funcs = list(eval_new.per_function)
+    depth = {q.func: q.hop_depth for q in eval_new.queries}
+    funcs = sorted(eval_new.per_function, key=lambda f: (depth[f], f))
     x = torch.arange(len(funcs)).float()
     for shift, ev, label in ((-0.2, eval_old, "f_old"), (0.2, eval_new, "f_new")):
         ax1.bar(x + shift, [ev.per_function[f]["accuracy"] for f in funcs], width=0.4, label=label)
-    depth = {q.func: q.hop_depth for q in eval_new.queries}
-    ax1.set_xticks(x.tolist(), [f"{f}\n{'base' if depth[f] == 0 else 'wrapper'}" for f in funcs], fontsize=7)
-    ax1.set(ylabel="accuracy", ylim=(0, 1.05), title="logit evaluation per function")
-    ax1.legend(frameon=False, fontsize=8)
+    ax1.set_xticks(x.tolist(), funcs, fontsize=7, rotation=90)
+    n_base = sum(depth[f] == 0 for f in funcs)
+    if 0 < n_base < len(funcs):
+        ax1.axvline(n_base - 0.5, color="0.5", lw=0.8, ls=":")
+    for lo, hi, text in ((0, n_base, "base"), (n_base, len(funcs), "wrapper")):
+        if hi > lo:
+            ax1.text((lo + hi - 1) / 2, 1.09, text, ha="center", fontsize=8)
+    ax1.set(ylabel="accuracy", ylim=(0, 1.15))
+    ax1.set_title("logit evaluation per function", pad=14)
+    ax1.legend(frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
 
