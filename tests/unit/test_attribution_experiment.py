@@ -71,3 +71,23 @@ def test_a_perfect_scorer_beats_bm25_and_random_does_not():
     assert table["perfect"]["summary"]["wrapper"]["precision@10"]["clusters"] == 3
     comp = table["perfect"]["composition@10"]
     assert abs(sum(comp.values()) - 1) < 1e-6 and comp["other"] == 0
+
+
+def test_test_only_baselines_leave_validation_rows_nan_and_the_table_reads_them():
+    docs, functions, queries = corpus()
+    qs = ex.attribution_queries(evaluated(queries, torch.ones(len(queries), dtype=torch.bool)), per_function=4)
+    seen = []
+
+    def compute(qq):
+        seen.append([q.uid for q in qq])
+        return torch.ones(len(qq), len(docs))
+
+    full = ex._on_test_rows(qs, len(docs), compute)
+    assert seen[0] == [q.uid for q, t in zip(qs.queries, qs.test.tolist()) if t]
+    assert torch.isnan(full[qs.validation]).all() and (full[qs.test] == 1).all()
+    relevant = relevance_mask(qs.queries, docs, functions)
+    from imprint.attribution.metrics import hops_categories
+
+    table = ex.method_table({"x": full + torch.rand(full.shape)}, relevant, qs,
+                            hops_categories(qs.queries, docs, functions), n_boot=50)
+    assert table["x"]["summary"]["overall"]["precision@10"]["n"] == int(qs.test.sum())

@@ -404,6 +404,12 @@ def decoder_linear_modules(model) -> list[str]:
             if isinstance(m, torch.nn.Linear) and any(name.startswith(b) for b in blocks)]
 
 
+def mlp_linear_modules(model) -> list[str]:
+    """The MLP projections of :func:`decoder_linear_modules` (names containing ``mlp``): the modules
+    influence studies of LLMs usually track."""
+    return [name for name in decoder_linear_modules(model) if ".mlp." in name]
+
+
 def _digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -477,7 +483,8 @@ def ekfac_scores(model, tokenizer, queries: Sequence[HopsQuery], documents: Sequ
                  output_dir: str | Path, *, strategy: str = "ekfac", damping: float | None = None,
                  modules: Sequence[str] | None = None, device: str = "cpu", batch_size: int = 8,
                  query_batch_size: int = 8, seed: int = 0, empirical_fisher: bool = False,
-                 max_length: int = 256, progress: bool = False) -> Float[Tensor, "q n"]:
+                 max_length: int = 256, progress: bool = False,
+                 query_low_rank: int | None = None) -> Float[Tensor, "q n"]:
     """Influence of every document on every query, ``g_q^T (G + damping)^-1 g_d``, with ``kronfluence``.
 
     ``G`` is the Fisher (labels sampled from the model; ``empirical_fisher=True``: the documents' own
@@ -490,6 +497,11 @@ def ekfac_scores(model, tokenizer, queries: Sequence[HopsQuery], documents: Sequ
     Factors and scores are written under ``output_dir``, named by a digest of the model's weights, the
     documents and the settings (and, for the scores, the queries): a killed run restarted with the same
     arguments reuses the factors it had finished, and a different model or corpus never reads them.
+
+    kronfluence passes over every document once per batch of ``query_batch_size`` queries; holding a
+    large batch of preconditioned query gradients takes ``query_low_rank`` (kronfluence's
+    ``query_gradient_low_rank``: each query's gradient of a module replaced by its rank-r SVD
+    approximation; None: exact).
     """
     queries = _require_queries(queries)
     texts = _document_texts(documents)
@@ -506,6 +518,8 @@ def ekfac_scores(model, tokenizer, queries: Sequence[HopsQuery], documents: Sequ
     require_int("query_batch_size", query_batch_size, minimum=1)
     require_int("seed", seed, minimum=0)
     require_int("max_length", max_length, minimum=2)
+    if query_low_rank is not None:
+        require_int("query_low_rank", query_low_rank, minimum=1)
     if not isinstance(empirical_fisher, bool):
         raise ValueError(f"empirical_fisher={empirical_fisher!r}: expected True or False")
     known = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -526,7 +540,8 @@ def ekfac_scores(model, tokenizer, queries: Sequence[HopsQuery], documents: Sequ
     factor_key = {"weights": _weights_digest(model), "documents": d_rows, "strategy": strategy, "modules": modules,
                   "seed": seed, "empirical_fisher": empirical_fisher}
     factors_name = f"{strategy}-{_digest(factor_key)}"
-    score_key = {"factors": factors_name, "queries": q_rows, "n_prompt": n_prompt, "damping": damping}
+    score_key = {"factors": factors_name, "queries": q_rows, "n_prompt": n_prompt, "damping": damping,
+                 "query_low_rank": query_low_rank}
     scores_name = f"scores-{_digest(score_key)}"
 
     task = _lm_task(modules)
@@ -536,7 +551,7 @@ def ekfac_scores(model, tokenizer, queries: Sequence[HopsQuery], documents: Sequ
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_collate_for(tokenizer.pad_token_id)))
     train, query = _ListDataset(d_rows, None), _ListDataset(q_rows, n_prompt)
     factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical_fisher)
-    score_args = ScoreArguments(damping_factor=damping)
+    score_args = ScoreArguments(damping_factor=damping, query_gradient_low_rank=query_low_rank)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), warnings.catch_warnings():
         # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated by torch, in every phase
         warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)

@@ -75,7 +75,7 @@ def base_model(model: str, documents: Sequence[HopsDocument], *, d_model: int = 
         return tiny_llama_for(tokenizer, d_model=d_model, n_layers=n_layers, n_heads=n_heads, seed=seed), tokenizer
     from imprint.models.lm import load_causal_lm
 
-    lm = load_causal_lm("" if model == "smollm2" else model, dtype=dtype)
+    lm = load_causal_lm("" if model == "smollm2" else model, dtype=dtype, attn_implementation="sdpa")
     f_old, tokenizer = lm.model, lm.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -85,11 +85,15 @@ def base_model(model: str, documents: Sequence[HopsDocument], *, d_model: int = 
 
 def fine_tune(f_old, tokenizer, documents: Sequence[HopsDocument], *, steps: int, lr: float, batch_size: int,
               seed: int, device: str, checkpoint_dir: str | Path | None, lora_rank: int = 0,
-              warmup_steps: int = 0, max_length: int = 256, progress: bool = False, checkpoint_every: int = 250):
+              warmup_steps: int = 0, max_length: int = 256, progress: bool = False,
+              checkpoint_every: int | None = None):
     """f_new: a copy of f_old fine-tuned on the documents' texts (full fine-tuning, or LoRA of rank
     ``lora_rank`` on every linear layer with the embedding rows of the new tokens trained, merged back);
-    returns it with the loss of every step."""
+    returns it with the loss of every step. Checkpoints every ``checkpoint_every`` steps (default: a
+    third of the run; a SmolLM2 checkpoint with AdamW's state is 1.6 GB) and at the end."""
     require_int("lora_rank", lora_rank, minimum=0)
+    if checkpoint_every is None:
+        checkpoint_every = max(50, steps // 3)
     f_new = copy.deepcopy(f_old)
     lora = None
     if lora_rank:
@@ -169,7 +173,7 @@ def cached(folder: Path | None, name: str, key: str, compute: Callable[[], Tenso
     back by a rerun; returns it and the seconds its computation took (that of the first run)."""
     path = None if folder is None else Path(folder) / f"{name}-{key}.safetensors"
     if path is not None and path.is_file():
-        saved = load_tensors(path)
+        saved = load_tensors(path)  # a rerun reads what the first run computed
         return saved["scores"], float(saved["seconds"])
     start = time.perf_counter()
     scores = compute().float().cpu()
@@ -252,7 +256,7 @@ def headline(table: dict, group: str = "wrapper", metric: str = "precision@10", 
             continue
         rows[name] = s
         d = row.get("vs_" + reference, {}).get(group, {}).get(metric)
-        if d is not None and d["lo"] > 0:
+        if d is not None and d["lo"] > 1e-9:  # above zero beyond float rounding
             winners.append(name)
     return {"group": group, "metric": metric, "reference": reference, "rows": rows, "beats_reference": winners}
 
@@ -282,8 +286,9 @@ def counterfactual(f_old, tokenizer, documents: Sequence[HopsDocument], function
            "accuracy_others": float(ev.correct[~inside].float().mean()) if (~inside).any() else float("nan"),
            "top_k_removed": {}}
     for name, s in scores.items():
-        if inside.any():
-            top = s[inside].topk(k, dim=1).indices
+        rows = inside & torch.isfinite(s).all(1)
+        if rows.any():
+            top = s[rows].topk(k, dim=1).indices
             out["top_k_removed"][name] = float(removed[top].float().mean())
     return out
 
@@ -392,26 +397,43 @@ def patching_scores(f_old, f_new, tokenizer, qs: QuerySet, documents: Sequence[H
         out.patching[name], out.seconds[name] = cached(cache, f"patch-{layer}-{p:g}", key, compute)
 
 
+def _on_test_rows(qs: QuerySet, n_documents: int, compute: Callable[[list[HopsQuery]], Tensor]) -> Tensor:
+    """A score matrix over every query whose validation rows are NaN: the baselines that choose nothing
+    on validation queries are computed for the test queries only (the metrics refuse a NaN row)."""
+    rows = torch.nonzero(qs.test).flatten()
+    full = torch.full((len(qs.queries), n_documents), float("nan"))
+    full[rows] = compute([qs.queries[i] for i in rows.tolist()]).float()
+    return full
+
+
 def baseline_scores(f_new, tokenizer, qs: QuerySet, documents: Sequence[HopsDocument], out: Scores, *,
                     cache: Path | None, key: str, device: str, proj_dim: int, ekfac: bool, ekfac_dir: Path | None,
-                    batch_size: int, seed: int, encoder=None) -> None:
+                    batch_size: int, seed: int, encoder=None, ekfac_modules: str = "mlp",
+                    ekfac_low_rank: int | None = None) -> None:
     """Random, BM25, edit distance, MiniLM cosine, projected gradient cosine and EK-FAC influence on the
-    same queries."""
+    same test queries (EK-FAC tracks the MLP projections, ``ekfac_modules="mlp"``, or every linear
+    layer of the decoder blocks, ``"all"``; every test query in one kronfluence batch)."""
+    require_choice("ekfac_modules", ekfac_modules, ["mlp", "all"])
     q_text = baselines.query_texts(qs.queries)
     d_text = [d.text for d in documents]
+    modules = (baselines.mlp_linear_modules if ekfac_modules == "mlp" else baselines.decoder_linear_modules)(f_new)
     jobs = {"random": lambda: baselines.random_scores(len(q_text), len(d_text), seed),
             "BM25": lambda: baselines.bm25_token_scores(q_text, d_text, tokenizer),
-            "edit distance": lambda: baselines.edit_distance_scores(q_text, d_text, tokenizer),
-            "gradient cosine (TrackStar)": lambda: baselines.gradient_cosine_scores(
-                f_new, tokenizer, qs.queries, documents, proj_dim=proj_dim, seed=seed, device=device,
-                batch_size=batch_size)}
+            "edit distance": lambda: _on_test_rows(qs, len(documents), lambda qq: baselines.edit_distance_scores(
+                baselines.query_texts(qq), d_text, tokenizer)),
+            "gradient cosine (TrackStar)": lambda: _on_test_rows(qs, len(documents), lambda qq: (
+                baselines.gradient_cosine_scores(f_new, tokenizer, qq, documents, proj_dim=proj_dim, seed=seed,
+                                                 device=device, batch_size=batch_size)))}
     if encoder is not None:
         jobs["MiniLM"] = lambda: baselines.embedding_scores(q_text, d_text, encoder)
     if ekfac:
-        jobs["EK-FAC (kronfluence)"] = lambda: baselines.ekfac_scores(
-            f_new, tokenizer, qs.queries, documents, ekfac_dir, device=device, batch_size=batch_size)
+        jobs["EK-FAC (kronfluence)"] = lambda: _on_test_rows(qs, len(documents), lambda qq: baselines.ekfac_scores(
+            f_new, tokenizer, qq, documents, ekfac_dir, device=device, batch_size=batch_size,
+            query_batch_size=len(qq), modules=modules, query_low_rank=ekfac_low_rank))
     for name, job in jobs.items():
-        out.scores[name], out.seconds[name] = cached(cache, "baseline-" + run_key(name=name), key, job)
+        out.scores[name], out.seconds[name] = cached(
+            cache, "baseline-" + run_key(name=name, ekfac_modules=ekfac_modules, ekfac_low_rank=ekfac_low_rank)
+            if name.startswith("EK-FAC") else "baseline-" + run_key(name=name), key, job)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,12 +491,14 @@ def plot_methods(table: dict, metric: str = "precision@10", order: Sequence[str]
 def plot_layers(choices: dict[str, LayerChoice]):
     """Test precision@10 of each feature at each single layer, base and wrapper queries."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
     for ax, group in zip(axes, ("base", "wrapper")):
         for name, c in choices.items():
             ax.plot(c.layers, c.precision_at_10[group], marker=".", lw=1, label=name)
         ax.set(xlabel="layer (0: embeddings)", title=f"{group} queries")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("precision@10, one layer")
     axes[1].legend(frameon=False, fontsize=8)
     fig.tight_layout()
@@ -496,7 +520,7 @@ def plot_composition(table: dict, order: Sequence[str]):
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="share of the top 10 (wrapper test queries)", xlim=(0, 1))
-    ax.legend(frameon=False, fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.legend(frameon=False, fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     return fig
 
