@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from imprint.data.images import (face_targets, load_cifar10_directory, load_face_images, load_image_splits,
-                                 load_images, load_mnist_directory, make_attack_splits, max_heldout, read_idx,
-                                 vehicle_animal_targets)
+from imprint.data.images import (check_data_seeds, face_targets, fixed_heldout, load_cifar10_directory,
+                                 load_face_images, load_image_splits, load_images, load_mnist_directory,
+                                 make_attack_splits, max_heldout, read_idx, vehicle_animal_targets)
 
 
 def write_idx(path, array, gz=False):
@@ -134,6 +134,42 @@ def test_largest_heldout_pool_and_named_splits():
     assert faces.target.x_train.shape == (20, 625) and faces.target.x_heldout.shape == (160, 625)
     digits = load_image_splits("digits", 20, 40, seed=0, classes=[3, 8])
     assert set(digits.target.label_train.tolist()) == {3, 8}
+
+
+def test_one_held_out_pool_size_fits_every_training_set_size():
+    labels = np.repeat(np.arange(3), [30, 25, 40])
+    sizes = [3, 9, 21]
+    # n = 21: 7 per class twice leaves 16, 11 and 26 images
+    assert fixed_heldout(labels, sizes) == max_heldout(labels, 21) == 33
+    assert fixed_heldout(labels, sizes, 34) == 34  # 12, 11, 11 per class still fits
+    with pytest.raises(ValueError, match=r"n_heldout=35: .* at most 34"):
+        fixed_heldout(labels, sizes, 35)
+    with pytest.raises(ValueError, match="n_heldout"):
+        fixed_heldout(labels, sizes, 0)
+    with pytest.raises(ValueError, match="sizes"):
+        fixed_heldout(labels, [], 10)
+    with pytest.raises(ValueError, match="sizes"):
+        fixed_heldout(labels, [3, 40])  # two sets of 14 of class 1 need 28 of its 25
+    images = np.random.default_rng(0).random((len(labels), 2, 2)).astype(np.float32)
+    for pool in (fixed_heldout(labels, sizes), 34):
+        for n in sizes:
+            split = make_attack_splits(images, labels, (2, 2), n, pool, seed=1).target
+            assert split.x_heldout.shape[0] == pool and split.x_train.shape[0] == n
+    # through the named loader: the same pool at every size of a sweep
+    pools = {n: load_image_splits("digits", n, None, seed=0, sizes=[20, 400]).target.x_heldout.shape[0]
+             for n in (20, 400)}
+    assert pools[20] == pools[400] == max_heldout(load_images("digits")[1], 400)
+    assert load_image_splits("digits", 20, None, seed=0).target.x_heldout.shape[0] > pools[20]
+    with pytest.raises(ValueError, match="sizes"):
+        load_image_splits("digits", 30, None, seed=0, sizes=[20, 400])
+
+
+def test_data_seeds_are_distinct_non_negative_integers():
+    assert check_data_seeds([0, 3, 1]) == [0, 3, 1]
+    assert check_data_seeds((7,)) == [7]
+    for bad in ([], [1, 1], [0, -1], [0, 1.5], [True], 3, "01"):
+        with pytest.raises(ValueError, match="data_seeds"):
+            check_data_seeds(bad)
 
 
 def test_vehicle_animal_targets():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from imprint.reconstruction.evaluation import (baseline_scores, best_same_class, candidate_pixels,
-                                               nearest_assignment, normalized_cross_correlation,
-                                               one_to_one_assignment, score_candidates, ssim_matrix, ssim_pairs)
+from imprint.reconstruction.evaluation import (baseline_scores, best_same_class, candidate_pixels, heldout_pixels,
+                                               margin_share, nearest_assignment, normalized_cross_correlation,
+                                               one_to_one_assignment, paired_seed_test, score_candidates,
+                                               ssim_matrix, ssim_pairs)
 
 
 @pytest.fixture(autouse=True)
@@ -154,12 +155,14 @@ def test_baselines_against_brute_force():
     base = baseline_scores(x_train, l_train, x_held, l_held, mean, (8, 8))
     for i in range(len(x_train)):
         pool = [j for j in range(len(x_held)) if l_held[j] == l_train[i]]
-        ssims = [ssim_pairs((x_train[i:i + 1] + mean).double(), (x_held[j:j + 1] + mean).double(), (8, 8))[0]
+        # the held-out image as the judge sees a candidate: mean added back, stretched to [0, 1]
+        ssims = [ssim_pairs(x_train[i:i + 1].double() + mean,
+                            candidate_pixels(x_held[j:j + 1].double(), mean.double()), (8, 8))[0]
                  for j in pool]
         assert torch.isclose(base.nearest_heldout_ssim[i], max(ssims))
         assert int(base.nearest_heldout_index[i]) == pool[int(np.argmax(ssims))]
     stretched_mean = candidate_pixels(torch.zeros(1, 64), mean)
-    ref = ssim_pairs((x_train + mean).double(), stretched_mean.double().expand(len(x_train), -1), (8, 8))
+    ref = ssim_pairs(x_train.double() + mean, stretched_mean.double().expand(len(x_train), -1), (8, 8))
     assert torch.allclose(base.mean_image_ssim, ref)
 
 
@@ -233,3 +236,102 @@ def test_search_selection_rules_and_figures():
     assert len(fig.axes) == 1
     fig = plot_size_sweep([10, 20], {"net": [5, 5]})
     assert np.allclose(fig.axes[0].lines[0].get_ydata(), [0.5, 0.25])
+
+
+def digit_split(n_train=40, seed=3):
+    from imprint.data.images import load_image_splits
+
+    return load_image_splits("digits", n_train, None, seed=seed).target
+
+
+def test_a_held_out_image_as_candidate_ties_with_the_bar_and_is_not_memorised():
+    # the review's case: 40 float32 training digits, the float32 mean-subtracted held-out pool itself as the
+    # candidates (what an attack that outputs real non-training digits would give), matched within the class
+    s = digit_split()
+    base = baseline_scores(s.x_train, s.label_train, s.x_heldout, s.label_heldout, s.mean, s.image_shape)
+    kwargs = dict(train_targets=s.label_train, candidate_targets=s.label_heldout)
+    scores = score_candidates(s.x_heldout, s.x_train, s.mean, s.image_shape, base, **kwargs)
+    assert scores.memorisation_count == 0
+    # each training image's bar is exactly what its nearest held-out image scores as a candidate
+    as_candidate = ssim_pairs(s.x_train.double() + s.mean.double(),
+                              candidate_pixels(s.x_heldout.double()[base.nearest_heldout_index], s.mean.double()),
+                              s.image_shape)
+    assert torch.equal(as_candidate, base.nearest_heldout_ssim)
+    matched_nearest = scores.match == base.nearest_heldout_index
+    assert matched_nearest.any()
+    assert torch.equal(scores.ssim[matched_nearest], base.nearest_heldout_ssim[matched_nearest])
+    assert torch.equal(heldout_pixels(s.x_heldout, s.mean),
+                       candidate_pixels(s.x_heldout.double(), s.mean.double()))
+    # the old bar (held-out images scored without the candidates' transform, summed in float32) counted
+    # 13 of the 40 as memorised: ties broken by rounding
+    train, held = (s.x_train + s.mean).double(), (s.x_heldout + s.mean).double()
+    sim = ssim_matrix(train, held, s.image_shape)
+    sim = torch.where(s.label_train.reshape(-1, 1) == s.label_heldout.reshape(1, -1), sim, float("-inf"))
+    old_bar = sim.max(1).values
+    old = int((scores.ssim > old_bar).sum())
+    assert old == 13
+    # the bar moves by rounding for 39 of the 40; for one, the winner is a held-out digit whose pixels do not
+    # span [0, 1] (32 of the 1660 do not), which the stretch changes for real
+    assert int(((old_bar - base.nearest_heldout_ssim).abs() > 1e-6).sum()) == 1
+
+
+def test_a_copy_of_the_training_image_is_memorised():
+    s = digit_split()
+    base = baseline_scores(s.x_train, s.label_train, s.x_heldout, s.label_heldout, s.mean, s.image_shape)
+    n = len(s.x_train)
+    copies = torch.cat([s.x_train, s.x_heldout[:n]])  # float32 copies, as an attack would output them
+    labels = torch.cat([s.label_train, s.label_heldout[:n]])
+    scores = score_candidates(copies, s.x_train, s.mean, s.image_shape, base, train_targets=s.label_train,
+                              candidate_targets=labels)
+    assert torch.equal(scores.match, torch.arange(n))
+    assert scores.memorisation_count == n
+
+
+def test_margin_share_against_a_hand_made_table_and_scipy():
+    from scipy.stats import fisher_exact
+
+    margins = np.array([1.0, 1.01, 1.02, 1.03, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 9.5, 10.0,
+                        11.0, 12.0, 13.0, 14.0])
+    memorised = np.zeros(20, dtype=bool)
+    memorised[[0, 1, 3, 9]] = True
+    got = margin_share(margins, memorised, quantile=0.2)
+    # the 0.2-quantile of 20 margins: position 3.8 between 1.03 and 2.0, so the low group is the first four
+    assert got["threshold"] == pytest.approx(1.03 + 0.8 * (2.0 - 1.03))
+    assert (got["n_low"], got["n_rest"], got["memorised_low"], got["memorised_rest"]) == (4, 16, 3, 1)
+    assert got["share_low"] == 0.75 and got["share_rest"] == 1 / 16
+    odds, p = fisher_exact([[3, 1], [1, 15]])
+    assert got["p"] == pytest.approx(p) and got["odds_ratio"] == pytest.approx(odds)
+    # hypergeometric by hand: P(X = k) with 4 memorised among 20 and a low group of 4
+    from math import comb
+
+    pk = [comb(4, k) * comb(16, 4 - k) / comb(20, 4) for k in range(5)]
+    assert got["p"] == pytest.approx(sum(q for q in pk if q <= pk[3] * (1 + 1e-7)))
+    # tensors give the same answer as arrays
+    tensors = margin_share(torch.tensor(margins), torch.tensor(memorised), quantile=0.2)
+    assert tensors == got
+    with pytest.raises(ValueError, match="quantile"):
+        margin_share(margins, memorised, quantile=1.0)
+    with pytest.raises(ValueError, match="memorised"):
+        margin_share(margins, memorised[:5])
+
+
+def test_paired_seed_test_exact_sign_flips():
+    # k = 5 seeds, every difference positive: only the identity and the all-flipped signs are as extreme
+    got = paired_seed_test([5, 7, 6, 9, 8], [1, 2, 1, 3, 2])
+    assert got["exact"] and got["n_seeds"] == 5
+    assert got["differences"] == [4.0, 5.0, 5.0, 6.0, 6.0]
+    assert got["mean"] == pytest.approx(5.2)
+    assert got["p"] == pytest.approx(2 / 32)
+    assert got["lo"] <= 5.2 <= got["hi"] and 4.0 <= got["lo"] and got["hi"] <= 6.0
+    # d = (3, 1, -1, 2, 0): brute-force enumeration of the 32 sign vectors
+    d = np.array([3.0, 1.0, -1.0, 2.0, 0.0])
+    extreme = sum(abs(np.dot(s, d)) >= abs(d.sum()) - 1e-12 for s in itertools.product([-1, 1], repeat=5))
+    got = paired_seed_test(d + 10, np.full(5, 10.0))
+    assert got["p"] == pytest.approx(extreme / 32)
+    # all differences zero: p = 1
+    assert paired_seed_test([3, 3], [3, 3])["p"] == 1.0
+    # past 16 seeds: Monte Carlo, (1 + extreme) / (1 + n_perm)
+    mc = paired_seed_test(np.arange(20) + 1.0, np.zeros(20), n_perm=999)
+    assert not mc["exact"] and mc["p"] == pytest.approx(1 / 1000)
+    with pytest.raises(ValueError, match="control_counts"):
+        paired_seed_test([1, 2], [1, 2, 3])

@@ -220,13 +220,73 @@ def max_heldout(labels: np.ndarray, n_train: int, classes: Sequence[int] | None 
     return int(left.min()) * len(classes)
 
 
+def fixed_heldout(labels: np.ndarray, sizes: Sequence[int], n_heldout: int | None = None,
+                  classes: Sequence[int] | None = None) -> int:
+    """One held-out pool size usable at every training-set size of ``sizes``, so the bar stays fixed.
+
+    ``make_attack_splits`` takes a balanced target set of ``n``, a disjoint control set of the same ``n``,
+    then the balanced pool from what is left; the largest ``n`` leaves the least, so a pool that fits there
+    fits at every size. ``n_heldout=None`` gives :func:`max_heldout` at the largest size; a requested
+    ``n_heldout`` is checked against the largest value the classes' counts allow there and returned.
+    """
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+        raise ValueError(f"sizes={sizes!r}: expected a non-empty list of training-set sizes")
+    sizes = [require_int(f"sizes[{i}]", n, minimum=1) for i, n in enumerate(sizes)]
+    labels = np.asarray(labels)
+    classes = check_classes(labels, classes)
+    largest = max(sizes)
+    k = len(classes)
+    counts = np.array([(labels == c).sum() for c in classes])
+    per_class = np.array([largest // k + (1 if i < largest % k else 0) for i in range(k)])
+    left = counts - 2 * per_class
+    if left.min() < 1:
+        raise ValueError(f"sizes={sizes}: two disjoint balanced training sets of n={largest} leave no held-out "
+                         f"image of some class (class sizes {counts.tolist()})")
+    if n_heldout is None:
+        return max_heldout(labels, largest, classes)
+    n_heldout = require_int("n_heldout", n_heldout, minimum=1)
+
+    def fits(m: int) -> bool:
+        return all(m // k + (1 if i < m % k else 0) <= left[i] for i in range(k))
+
+    allowed = int(left.min()) * k
+    while fits(allowed + 1):
+        allowed += 1
+    if n_heldout > allowed:
+        raise ValueError(f"n_heldout={n_heldout}: at the largest training-set size n={largest} (and its disjoint "
+                         f"control of the same size) a balanced held-out pool holds at most {allowed} images; "
+                         f"expected n_heldout <= {allowed}")
+    return n_heldout
+
+
+def check_data_seeds(data_seeds) -> list[int]:
+    """``data_seeds`` as a list: at least one, distinct, non-negative integers."""
+    if isinstance(data_seeds, (str, bytes)) or not isinstance(data_seeds, Sequence) or len(data_seeds) == 0:
+        raise ValueError(f"data_seeds={data_seeds!r}: expected a non-empty list of non-negative integers")
+    seeds = [require_int(f"data_seeds[{i}]", s, minimum=0) for i, s in enumerate(data_seeds)]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"data_seeds={seeds}: seeds {repeated} appear more than once; expected distinct seeds")
+    return seeds
+
+
 def load_image_splits(dataset: str, n_train: int, n_heldout: int | None, seed: int,
-                      classes: Sequence[int] | None = None, data_dir: str | Path | None = None) -> AttackSplits:
-    """:func:`make_attack_splits` of a named dataset; ``n_heldout=None`` takes the largest balanced pool."""
+                      classes: Sequence[int] | None = None, data_dir: str | Path | None = None,
+                      sizes: Sequence[int] | None = None) -> AttackSplits:
+    """:func:`make_attack_splits` of a named dataset; ``n_heldout=None`` takes the largest balanced pool.
+
+    With ``sizes`` (the training-set sizes of a sweep, containing ``n_train``) the pool size is
+    :func:`fixed_heldout`'s: the same at every size of the sweep (the largest that fits the largest size
+    when ``n_heldout`` is None, else ``n_heldout`` checked to fit it).
+    """
     images, labels, shape = load_images(dataset, data_dir)
     if classes is not None:
         keep = np.isin(labels, list(classes))
         images, labels = images[keep], labels[keep]
-    if n_heldout is None:
+    if sizes is not None:
+        if n_train not in list(sizes):
+            raise ValueError(f"sizes={list(sizes)}: expected it to contain n_train={n_train}")
+        n_heldout = fixed_heldout(labels, sizes, n_heldout, classes)
+    elif n_heldout is None:
         n_heldout = max_heldout(labels, n_train, classes)
     return make_attack_splits(images, labels, shape, n_train, n_heldout, seed, classes)

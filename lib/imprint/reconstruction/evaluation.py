@@ -11,8 +11,11 @@ as in the reference evaluation of Haim et al. (2022).
 At 8x8 pixels the papers' "SSIM > 0.4" is a weak bar: the plain mean image clears it for a large share of
 digits, and another real digit of the same class usually scores higher still. The headline criterion is
 therefore the **memorisation count**: training images whose one-to-one candidate is more similar to them
-than the most similar held-out real image of the same class. The threshold counts are reported beside it
-with the same counts for the mean image and for the nearest held-out image.
+than the most similar held-out real image of the same class, the held-out images passing through the
+candidates' pixel transform, so that a candidate equal to a held-out image ties with the bar (a tie is not
+memorised). The threshold counts are reported beside it with the same counts for the mean image and for
+the nearest held-out image. :func:`margin_share` and :func:`paired_seed_test` are the statistics of the
+chapters' margin and per-seed analyses.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def candidate_pixels(x: Float[Tensor, "n d"], mean: Float[Tensor, " d"]) -> Floa
     span = hi - lo
     flat = span <= 1e-12 * torch.clamp(hi.abs(), min=1.0)
     return torch.where(flat, torch.full_like(img, 0.5), (img - lo) / torch.where(flat, torch.ones_like(span), span))
+
+
+def heldout_pixels(x_heldout: Float[Tensor, "p d"], mean: Float[Tensor, " d"]) -> Float[Tensor, "p d"]:
+    """Held-out images as the judge sees them: on the candidates' path (float64 on the CPU, then
+    :func:`candidate_pixels`), so a held-out image given as a candidate has exactly these pixels."""
+    return candidate_pixels(x_heldout.detach().double().cpu(), mean.detach().double().cpu())
 
 
 def normalized_cross_correlation(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"]) -> Float[Tensor, "n m"]:
@@ -127,20 +136,29 @@ class BaselineScores:
 def baseline_scores(x_train: Float[Tensor, "n d"], label_train: Tensor, x_heldout: Float[Tensor, "p d"],
                     label_heldout: Tensor, mean: Float[Tensor, " d"], image_shape: Sequence[int],
                     window_size: int = SSIM_WINDOW) -> BaselineScores:
-    """Baselines for the training images of a split (all inputs in the mean-subtracted space)."""
+    """Baselines for the training images of a split (all inputs in the mean-subtracted space).
+
+    The held-out images go through the candidates' pixel transform (:func:`heldout_pixels`: float64, mean
+    added back, stretched to [0, 1]), so the bar is what the same real image would score as a candidate:
+    an attack that outputs a held-out image ties with the bar and does not count as memorised.
+    """
     if x_heldout.shape[0] < 1:
         raise ValueError("x_heldout is empty: the memorisation count needs a held-out pool of real images")
     missing = sorted(set(label_train.tolist()) - set(label_heldout.tolist()))
     if missing:
         raise ValueError(f"label_heldout has no image of classes {missing}: the held-out pool must cover "
                          "every training class")
-    train = (x_train + mean).double()
-    held = (x_heldout + mean).double()
+    mean = mean.detach().double().cpu()
+    train = x_train.detach().double().cpu() + mean
+    held = heldout_pixels(x_heldout, mean)
     sim = ssim_matrix(train, held, image_shape, window_size)
-    same = label_train.reshape(-1, 1) == label_heldout.reshape(1, -1)
+    same = label_train.reshape(-1, 1).cpu() == label_heldout.reshape(1, -1).cpu()
     sim = torch.where(same, sim, torch.full_like(sim, float("-inf")))
-    best, idx = sim.max(1)
-    mean_img = candidate_pixels(torch.zeros(1, x_train.shape[1], dtype=torch.float64), mean.double())
+    idx = sim.max(1).indices
+    # the winners' SSIM again, through the very call score_candidates makes (n pairs in one batch), so that
+    # a candidate equal to the nearest held-out image ties with it bit for bit and is not memorised
+    best = ssim_pairs(train, held[idx], image_shape, window_size)
+    mean_img = candidate_pixels(torch.zeros(1, x_train.shape[1], dtype=torch.float64), mean)
     mean_ssim = ssim_pairs(train, mean_img.expand(train.shape[0], -1), image_shape, window_size)
     return BaselineScores(best, idx, mean_ssim, int(x_heldout.shape[0]))
 
@@ -148,7 +166,8 @@ def baseline_scores(x_train: Float[Tensor, "n d"], label_train: Tensor, x_heldou
 @dataclass(frozen=True)
 class ReconstructionScores:
     """Per training image: its matched candidate, their correlation and SSIM, and whether it counts as
-    memorised (candidate SSIM above the nearest same-class held-out image's)."""
+    memorised (candidate SSIM strictly above the nearest same-class held-out image's, both through the
+    same pixel transform: a tie is not memorised)."""
 
     match: Int[Tensor, " n"]
     ncc: Float[Tensor, " n"]
@@ -244,6 +263,98 @@ def score_search(result, x_train: Float[Tensor, "n d"], mean: Float[Tensor, " d"
     return SearchScores(scores, result.final_kkt_loss.detach().cpu(), result.diverged.cpu())
 
 
+# ---------------------------------------------------------------------------------------------- statistics
+
+def margin_share(margins, memorised, quantile: float = 0.1) -> dict:
+    """Are memorised images concentrated among the smallest margins?
+
+    The training images whose margin is at most the ``quantile``-quantile of the margins (numpy's linear
+    interpolation; a tolerance that follows the distribution rather than a fixed fraction of the smallest
+    margin) form the low group, the others the rest. Returns the threshold, the group sizes
+    (``n_low``, ``n_rest``), the memorised counts in each (``memorised_low``, ``memorised_rest``), the
+    shares (``share_low``, ``share_rest``; NaN for an empty group), and scipy's two-sided Fisher exact test
+    of the 2x2 table [[memorised_low, n_low - memorised_low], [memorised_rest, n_rest - memorised_rest]]
+    (``odds_ratio``, ``p``).
+    """
+    from scipy.stats import fisher_exact
+
+    from imprint.runtime.checks import require_float
+
+    m = (margins.detach().cpu().double().numpy() if isinstance(margins, Tensor)
+         else np.asarray(margins, dtype=np.float64))
+    mem = np.asarray(memorised.detach().cpu().numpy() if isinstance(memorised, Tensor) else memorised)
+    if m.ndim != 1 or m.size < 2:
+        raise ValueError(f"margins has shape {m.shape}: expected one margin per training image (at least 2)")
+    if not np.isfinite(m).all():
+        raise ValueError(f"margins holds {int((~np.isfinite(m)).sum())} non-finite values: expected numbers")
+    if mem.shape != m.shape or not (mem.dtype == bool or np.isin(mem, [0, 1]).all()):
+        raise ValueError(f"memorised has shape {mem.shape} (dtype {mem.dtype}): expected {m.shape[0]} booleans, "
+                         "one per margin")
+    quantile = require_float("quantile", quantile)
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile={quantile!r}: expected a number in (0, 1)")
+    mem = mem.astype(bool)
+    threshold = float(np.quantile(m, quantile))
+    low = m <= threshold
+    n_low, n_rest = int(low.sum()), int((~low).sum())
+    k_low, k_rest = int((mem & low).sum()), int((mem & ~low).sum())
+    odds, p = fisher_exact([[k_low, n_low - k_low], [k_rest, n_rest - k_rest]], alternative="two-sided")
+    return {"quantile": quantile, "threshold": threshold, "n_low": n_low, "n_rest": n_rest,
+            "memorised_low": k_low, "memorised_rest": k_rest,
+            "share_low": k_low / n_low if n_low else float("nan"),
+            "share_rest": k_rest / n_rest if n_rest else float("nan"),
+            "odds_ratio": float(odds), "p": float(p)}
+
+
+EXACT_SIGN_FLIPS_UP_TO = 16
+
+
+def paired_seed_test(attack_counts, control_counts, n_perm: int = 10000, seed: int = 0, n_boot: int = 10000,
+                     level: float = 0.95) -> dict:
+    """Paired comparison of per-seed counts (the attacked network against a control, one pair per data seed).
+
+    With d_s = attack_s - control_s over k seeds: ``differences`` (the d_s), ``mean``, the percentile
+    bootstrap interval ``lo``, ``hi`` of the mean (resampled seeds; :func:`imprint.attribution.metrics.
+    paired_difference`, seeded with ``seed``), and the two-sided sign-flip p-value
+    #{s : |mean(s * d)| >= |mean(d)|} / #s under the null that attack and control are exchangeable within
+    a seed: exact over all 2^k sign vectors when k <= 16 (``exact`` True), otherwise
+    (1 + #extreme) / (1 + ``n_perm``) over random sign vectors.
+    """
+    from imprint.attribution.metrics import paired_difference
+    from imprint.runtime.checks import require_int
+
+    def vector(name, value):
+        v = torch.as_tensor(value).detach().cpu()
+        if v.ndim != 1 or v.numel() == 0:
+            raise ValueError(f"{name} has shape {tuple(v.shape)}: expected a non-empty list, one count per seed")
+        v = v.double()
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name}={v.tolist()}: expected finite numbers")
+        return v
+
+    a, b = vector("attack_counts", attack_counts), vector("control_counts", control_counts)
+    if a.numel() != b.numel():
+        raise ValueError(f"attack_counts has {a.numel()} seeds and control_counts {b.numel()}: expected one "
+                         "pair per seed")
+    n_perm = require_int("n_perm", n_perm, minimum=1)
+    seed = require_int("seed", seed)
+    k = a.numel()
+    exact = k <= EXACT_SIGN_FLIPS_UP_TO
+    summary = paired_difference(a, b, n_boot=n_boot, seed=seed, level=level, n_perm=1 if exact else n_perm)
+    d = a - b
+    if exact:
+        observed = float(d.mean().abs())
+        tolerance = 1e-12 * max(1.0, float(d.abs().max()))
+        codes = torch.arange(2 ** k).reshape(-1, 1)
+        signs = ((codes >> torch.arange(k)) & 1).double() * 2 - 1
+        p = float(((signs @ d).abs() / k >= observed - tolerance).double().mean())
+    else:
+        p = summary["p"]
+    return {"differences": d.tolist(), "mean": summary["mean"], "lo": summary["lo"], "hi": summary["hi"],
+            "p": p, "exact": exact, "n_seeds": k, "mean_attack": summary["mean_a"],
+            "mean_control": summary["mean_b"]}
+
+
 # ------------------------------------------------------------------------------------------------- figures
 
 def _image(x: Tensor, image_shape: Sequence[int]):
@@ -268,7 +379,7 @@ def plot_reconstructions(scores: ReconstructionScores, candidates: Float[Tensor,
     for slot, i in enumerate(order.tolist()):
         r, c = divmod(slot, n_cols)
         trio = [x_train[i].double().cpu() + mean, pix[scores.match[i]],
-                x_heldout[scores.baseline.nearest_heldout_index[i]].double().cpu() + mean]
+                heldout_pixels(x_heldout[scores.baseline.nearest_heldout_index[i]:][:1], mean)[0]]
         titles = ["train", f"{scores.ssim[i]:.2f}", f"{scores.baseline.nearest_heldout_ssim[i]:.2f}"]
         for j, (img, title) in enumerate(zip(trio, titles)):
             ax = axes[r, 3 * c + j]
@@ -354,7 +465,7 @@ def plot_reconstruction_rows(rows: dict, x_train: Float[Tensor, "n d"], x_heldou
             ax.set_axis_off()
         for slot, i in enumerate(order):
             trio = [x_train[i].double().cpu() + mean, pix[scores.match[i]],
-                    x_heldout[scores.baseline.nearest_heldout_index[i]].double().cpu() + mean]
+                    heldout_pixels(x_heldout[scores.baseline.nearest_heldout_index[i]:][:1], mean)[0]]
             for j, img in enumerate(trio):
                 ax = axes[r, 3 * slot + j]
                 ax.imshow(np.clip(_image(img, image_shape), 0, 1), cmap="gray", vmin=0, vmax=1,
