@@ -8,6 +8,13 @@ The trainer runs S independent networks in one set of batched matrix products, w
 written out by hand (three lines per layer) so that the whole step is a fixed sequence of in-place
 kernels: on a GPU, ``graph_steps`` steps are captured once as a CUDA graph and replayed, with no host
 synchronisation between logs. Plain autograd is the reference in the tests.
+
+``schedule="normalised"`` is Lyu & Li (2020)'s loss-based learning rate (their Appendix K.1; Nacson et al.
+2019 for linear models): once a network separates its training set, its step is ``alpha / L(theta)``
+along ``grad L``, i.e. ``alpha`` along ``grad L / L``, which is computed in log space (a softmax-like
+weighting of the margins' gradients) and stays finite after ``L`` itself underflows. ``alpha`` is per
+network; a step that does not lower the loss is undone and ``alpha`` divided by ``lr_shrink``, an accepted
+one multiplies it by ``lr_grow``.
 """
 
 from __future__ import annotations
@@ -89,6 +96,15 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 0  # steps; 0 = only at the end
     graph_steps: int = 100  # steps per captured CUDA graph (GPU only); must divide log_every
+    # "constant": theta -= lr * grad L.  "normalised": the same until the network separates its training
+    # set (every margin > 0), then theta -= alpha * grad L / L with alpha adapted per network: a step that
+    # does not lower the loss is undone and alpha /= lr_shrink, an accepted one does alpha *= lr_grow
+    # (Lyu & Li 2020, Appendix K.1, whose r_u = 2^(1/5) and r_d = 2^(1/10) are the defaults). Every
+    # attempted step, undone or not, counts as one of ``steps``. Logistic loss only, no weight decay.
+    schedule: str = "constant"
+    normalised_lr: float | None = None  # alpha at the switch; None: lr * L there (the same step as before)
+    lr_grow: float = 2 ** 0.2
+    lr_shrink: float = 2 ** 0.1
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -110,10 +126,31 @@ class TrainConfig:
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of "
                              f"log_every={self.log_every}")
+        require_choice("schedule", self.schedule, ["constant", "normalised"])
+        if self.normalised_lr is not None:
+            require_float("normalised_lr", self.normalised_lr, minimum=0.0, strict_minimum=True)
+        require_float("lr_grow", self.lr_grow, minimum=1.0)
+        require_float("lr_shrink", self.lr_shrink, minimum=1.0, strict_minimum=True)
+        if self.schedule == "constant":
+            for name in _SCHEDULE_OPTIONS:
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ValueError(f"{name}={getattr(self, name)!r} applies only to schedule='normalised'")
+                # Out of __dict__ (the class attribute answers instead): the configuration of a
+                # constant-step run, hence its checkpoint key and keyed_dir digest, is what it was before
+                # the schedule existed, so earlier runs still resume.
+                object.__delattr__(self, name)
+        else:
+            if self.loss != "logistic":
+                raise ValueError(f"schedule='normalised' needs loss='logistic', not {self.loss!r}")
+            if self.weight_decay:
+                raise ValueError(f"schedule='normalised' needs weight_decay=0, not {self.weight_decay}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+_SCHEDULE_OPTIONS = ("schedule", "normalised_lr", "lr_grow", "lr_shrink")
 
 
 def init_weights(d_in: int, d_out: int, config: TrainConfig, seeds: Sequence[int],
@@ -175,6 +212,12 @@ def batched_grads(weights: Sequence[Tensor], x: Tensor, targets: Tensor, loss: s
     """Gradients of the mean loss (+ weight_decay/2 ||W||^2) with respect to every stacked weight."""
     out, pre = batched_forward(weights, x)
     g = output_grad(out, targets, loss)  # [S, n, d_out]
+    return _backward(weights, x, pre, g, weight_decay)
+
+
+def _backward(weights: Sequence[Tensor], x: Tensor, pre: Sequence[Tensor], g: Tensor,
+              weight_decay: float = 0.0) -> list[Tensor]:
+    """Weight gradients from d(objective)/d(outputs) ``g``, given the forward pass's pre-activations."""
     acts = [x] + [torch.relu(z) for z in pre]
     grads: list[Tensor] = [torch.empty(0)] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
@@ -184,6 +227,43 @@ def batched_grads(weights: Sequence[Tensor], x: Tensor, targets: Tensor, loss: s
         if i:
             g = torch.bmm(g, weights[i]) * (pre[i - 1] > 0)
     return grads
+
+
+def log_softplus_neg(q: Tensor) -> Tensor:
+    """log(log(1 + exp(-q))), elementwise and finite for every finite q (no underflow for large q).
+
+    For q > 0 it is -q + log(log1p(u) / u) with u = exp(-q) in (0, 1), and log1p(u) / u -> 1 as u -> 0.
+    """
+    u = torch.exp(-q.clamp(min=0))
+    ratio = torch.where(u > 0, torch.log1p(u) / u, torch.ones_like(u))
+    small = torch.log(torch.nn.functional.softplus(-q.clamp(max=0)))
+    return torch.where(q > 0, torch.log(ratio) - q, small)
+
+
+def log_logistic_loss(out: Tensor, targets: Tensor) -> Float[Tensor, " s"]:
+    """log of the mean logistic loss, log((1/n) sum_i log(1 + exp(-y_i f_i))), without underflow."""
+    q = targets * out[..., 0]
+    return torch.logsumexp(log_softplus_neg(q), 1) - math.log(q.shape[1])
+
+
+def normalised_output_grad(out: Tensor, targets: Tensor) -> tuple[Tensor, Float[Tensor, " s"]]:
+    """(dL/d outputs) / L for the mean logistic loss L, and log L, both computed in log space.
+
+    dL/df_i = -y_i sigmoid(-q_i) / n with q_i = y_i f_i, so (dL/df_i) / L = -y_i exp(log sigmoid(-q_i) - log
+    sum_j log(1 + exp(-q_j))): finite and exact when L underflows (for large margins it tends to the
+    softmax of -q, the exponential loss's normalised gradient).
+    """
+    q = targets * out[..., 0]
+    log_sum = torch.logsumexp(log_softplus_neg(q), 1, keepdim=True)
+    g = -targets * torch.exp(torch.nn.functional.logsigmoid(-q) - log_sum)
+    return g.unsqueeze(-1), log_sum[:, 0] - math.log(q.shape[1])
+
+
+def normalised_grads(weights: Sequence[Tensor], x: Tensor, targets: Tensor) -> tuple[list[Tensor], Tensor]:
+    """grad L / L with respect to every stacked weight (logistic loss), and log L per network."""
+    out, pre = batched_forward(weights, x)
+    g, log_loss = normalised_output_grad(out, targets)
+    return _backward(weights, x, pre, g), log_loss
 
 
 @dataclass
@@ -196,6 +276,7 @@ class TrainResult:
     d_in: int
     d_out: int
     seeds: list[int] = field(default_factory=list)
+    step_scale: Tensor | None = None  # schedule="normalised": each network's final alpha (0: never separated)
 
     @property
     def n_models(self) -> int:
@@ -221,6 +302,16 @@ def _log_stats(weights: Sequence[Tensor], x: Tensor, targets: Tensor, loss: str)
 
 
 _STAT_NAMES = ("loss", "min_margin", "normalized_margin", "train_error", "param_norm")
+_NORMALISED_STAT_NAMES = ("log_loss", "step_scale")  # appended under schedule="normalised"
+
+
+def _stats(weights: Sequence[Tensor], x: Tensor, targets: Tensor, config: TrainConfig,
+           step_scale: Tensor | None) -> Tensor:
+    stats = _log_stats(weights, x, targets, config.loss)
+    if step_scale is None:
+        return stats
+    log_loss = log_logistic_loss(batched_forward(weights, x)[0], targets)
+    return torch.cat([stats, log_loss[:, None], step_scale[:, None].to(stats.dtype)], 1)
 
 
 def _validate_data(x: Tensor, targets: Tensor, loss: str) -> None:
@@ -276,8 +367,12 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
     if state is not None and state.meta.get("config") != run_key:
         raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with another configuration "
                          f"({state.meta.get('config')}); use a fresh folder")
+    normalised = config.schedule == "normalised"
+    step_scale = torch.zeros(n_models, device=device, dtype=dtype) if normalised else None
     if state is not None:
         weights = [state.tensors[f"w{i}"].to(device, dtype) for i in range(len(config.widths) + 1)]
+        if normalised:
+            step_scale.copy_(state.tensors["step_scale"].to(device, dtype))
         start = state.unit
         logged = [state.tensors["history"].to(device, dtype)] if "history" in state.tensors else []
         steps_logged = state.tensors["history_step"].tolist() if "history_step" in state.tensors else []
@@ -285,10 +380,10 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
         weights = ([w.detach().to(device, dtype).clone() for w in initial_weights] if initial_weights is not None
                    else [w.to(device) for w in init_weights(d_in, d_out, config, seeds, dtype)])
         start, logged, steps_logged = 0, [], []
-        logged.append(_log_stats(weights, x, targets, config.loss).unsqueeze(0))
+        logged.append(_stats(weights, x, targets, config, step_scale).unsqueeze(0))
         steps_logged.append(0)
 
-    step_fn = _make_stepper(weights, x, targets, config, device)
+    step_fn = _make_stepper(weights, x, targets, config, device, step_scale)
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="GD", unit="step")
     step = start
     while step < config.steps:
@@ -296,19 +391,23 @@ def train_mlps(x: Float[Tensor, "s n d"], targets: Tensor, config: TrainConfig,
         step_fn(chunk)
         step += chunk
         bar.update(chunk)
-        logged.append(_log_stats(weights, x, targets, config.loss).unsqueeze(0))
+        logged.append(_stats(weights, x, targets, config, step_scale).unsqueeze(0))
         steps_logged.append(step)
         if ckpt and (step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)):
             history = torch.cat(logged)
             tensors = {f"w{i}": w for i, w in enumerate(weights)}
+            if normalised:
+                tensors["step_scale"] = step_scale
             tensors.update(history=history, history_step=torch.tensor(steps_logged))
             ckpt.save(step, tensors, {"config": run_key})
             logged = [history]
     bar.close()
     history = torch.cat(logged).detach().cpu()  # one host synchronisation, at the end
     hist = {"step": torch.tensor(steps_logged)}
-    hist.update({name: history[:, :, i] for i, name in enumerate(_STAT_NAMES)})
-    return TrainResult([w.detach() for w in weights], hist, config, d_in, d_out, seeds)
+    names = _STAT_NAMES + (_NORMALISED_STAT_NAMES if normalised else ())
+    hist.update({name: history[:, :, i] for i, name in enumerate(names)})
+    return TrainResult([w.detach() for w in weights], hist, config, d_in, d_out, seeds,
+                       step_scale.detach().cpu() if normalised else None)
 
 
 def _config_key(config: TrainConfig, seeds: list[int], shape: tuple) -> dict:
@@ -318,13 +417,54 @@ def _config_key(config: TrainConfig, seeds: list[int], shape: tuple) -> dict:
     return {**key, "seeds": seeds, "data_shape": list(shape)}
 
 
-def _make_stepper(weights: list[Tensor], x: Tensor, targets: Tensor, config: TrainConfig, device: torch.device):
+def _normalised_step(weights: list[Tensor], x: Tensor, targets: Tensor, config: TrainConfig,
+                     step_scale: Tensor):
+    """One in-place step of the normalised schedule, and the tensors it updates (for the graph warm-up).
+
+    Per network: unseparated (some margin <= 0), theta -= lr * grad L, always kept; separated, the
+    proposal theta - alpha * grad L / L is kept only if it lowers log L (alpha *= lr_grow), otherwise theta
+    stays and alpha /= lr_shrink. The forward pass at the kept weights is cached for the next step, so a
+    step costs one forward and one backward pass, as a constant step does. No host synchronisation.
+    """
+    out, pre = batched_forward(weights, x)
+    cache = [out, *pre]
+    tiny = torch.finfo(step_scale.dtype).tiny
+
+    def one_step():
+        out, pre = cache[0], cache[1:]
+        separated = (targets * out[..., 0] > 0).all(1)
+        g_norm, log_loss = normalised_output_grad(out, targets)
+        first = config.lr * torch.exp(log_loss) if config.normalised_lr is None else \
+            torch.full_like(log_loss, config.normalised_lr)
+        step_scale.copy_(torch.where(separated & (step_scale == 0), first.clamp(min=tiny), step_scale))
+        g = torch.where(separated[:, None, None], g_norm, output_grad(out, targets, "logistic"))
+        rate = torch.where(separated, step_scale, torch.full_like(step_scale, config.lr))[:, None, None]
+        proposal = [w - rate * d for w, d in zip(weights, _backward(weights, x, pre, g))]
+        new_out, new_pre = batched_forward(proposal, x)
+        keep = ~separated | (log_logistic_loss(new_out, targets) < log_loss)  # NaN: undone
+        step_scale.copy_(torch.where(separated, torch.where(keep, step_scale * config.lr_grow,
+                                                             step_scale / config.lr_shrink), step_scale))
+        keep = keep[:, None, None]
+        for w, p in zip(weights, proposal):
+            w.copy_(torch.where(keep, p, w))
+        for c, new in zip(cache, [new_out, *new_pre]):
+            c.copy_(torch.where(keep, new, c))
+
+    return one_step, [*weights, step_scale, *cache]
+
+
+def _make_stepper(weights: list[Tensor], x: Tensor, targets: Tensor, config: TrainConfig, device: torch.device,
+                  step_scale: Tensor | None = None):
     """A function ``advance(k)`` doing k in-place GD steps; CUDA-graph replays on a GPU."""
 
     def one_step():
         grads = batched_grads(weights, x, targets, config.loss, config.weight_decay)
         for w, g in zip(weights, grads):
             w.sub_(config.lr * g)
+
+    state = weights
+    if config.schedule == "normalised":
+        one_step, state = _normalised_step(weights, x, targets, config, step_scale)
 
     if device.type != "cuda":
         def advance(k: int) -> None:
@@ -334,12 +474,12 @@ def _make_stepper(weights: list[Tensor], x: Tensor, targets: Tensor, config: Tra
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    snapshot = [w.clone() for w in weights]
+    snapshot = [w.clone() for w in state]
     with torch.cuda.stream(stream):  # warm-up allocations outside the capture, then undo them
         for _ in range(2):
             one_step()
     torch.cuda.current_stream().wait_stream(stream)
-    for w, s in zip(weights, snapshot):
+    for w, s in zip(state, snapshot):
         w.copy_(s)
     del snapshot
     graph = torch.cuda.CUDAGraph()
