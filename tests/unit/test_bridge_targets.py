@@ -62,10 +62,10 @@ def test_options_refuse_bad_values():
 
 def test_pretraining_on_digits_learns_and_is_seeded():
     images, labels = load_digit_images()
-    x = torch.as_tensor(images[:300]).unsqueeze(1)
-    y = torch.as_tensor(labels[:300])
+    x = torch.as_tensor(images[:200]).unsqueeze(1)
+    y = torch.as_tensor(labels[:200])
     xt, yt = torch.as_tensor(images[1400:]).unsqueeze(1), torch.as_tensor(labels[1400:])
-    opts = PretrainOptions(epochs=4, batch_size=32, lr=1e-2, seed=0)
+    opts = PretrainOptions(epochs=3, batch_size=20, lr=1e-2, seed=0)
     m1, m2 = make_target(TargetOptions(), seed=0), make_target(TargetOptions(), seed=0)
     h1, h2 = pretrain(m1, x, y, opts), pretrain(m2, x, y, opts)
     assert h1 == h2 and all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
