@@ -44,7 +44,6 @@ def queries(spec):
 
 @pytest.fixture
 def model(tok):
-    torch.set_num_threads(1)
     return tiny_llama_for(tok, d_model=32, n_layers=2, n_heads=4, seed=0).eval()
 
 
