@@ -144,8 +144,7 @@ def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_finetuning_resumes_to_the_same_weights(spec, docs, tmp_path):
-    torch.set_num_threads(1)
+def test_finetuning_resumes_to_the_same_weights(spec, docs, tmp_path, one_torch_thread):
     tok = hops_tokenizer(spec, docs)
     texts = [d.text for d in docs]
     kwargs = dict(lr=1e-3, batch_size=4, seed=5, progress=False)
@@ -269,12 +268,11 @@ def test_logit_evaluation_refuses_candidates_and_tokens_by_name(spec, docs, bare
         logit_evaluation(model, bare, queries)
 
 
-def test_a_tiny_llama_learns_the_base_constants(spec, docs):
+def test_a_tiny_llama_learns_the_base_constants(spec, docs, one_torch_thread):
     # Measured (seed 0, 200 steps, 72 documents, about 3 s on one thread): base accuracy 1.0 and mean
     # confidence 0.88; the untrained model's confidence 0.14 (candidates 0..7, chance 1/8). Seeds 1 and 2
     # reach a base confidence of 0.46 and 0.41 but an accuracy of 0.47 and 0.72 only: the documents seldom
     # use the prompt's phrasing, so the tiny model's answer to it varies with the seed.
-    torch.set_num_threads(1)
     tok = hops_tokenizer(spec, docs)
     queries = hops_queries(spec_functions(spec), inputs=range(1, 21))
     model = tiny_llama_for(tok, d_model=64, n_layers=2, n_heads=4, seed=0)
