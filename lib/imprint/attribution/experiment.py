@@ -463,6 +463,7 @@ def plot_accuracy(eval_old: LogitEvaluation, eval_new: LogitEvaluation, losses: 
     ax1.set_title("logit evaluation per function", pad=14)
     ax1.legend(frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()
+    plt.close(fig)  # shown once, by the cell that returns it
     return fig
 
 
@@ -485,6 +486,7 @@ def plot_methods(table: dict, metric: str = "precision@10", order: Sequence[str]
     ax.set(xlabel=f"{metric} on test queries (mean, 95% bootstrap interval)", xlim=(0, 1))
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     fig.tight_layout()
+    plt.close(fig)  # shown once, by the cell that returns it
     return fig
 
 
@@ -502,6 +504,7 @@ def plot_layers(choices: dict[str, LayerChoice]):
     axes[0].set_ylabel("precision@10, one layer")
     axes[1].legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    plt.close(fig)  # shown once, by the cell that returns it
     return fig
 
 
@@ -522,6 +525,7 @@ def plot_composition(table: dict, order: Sequence[str]):
     ax.set(xlabel="share of the top 10 (wrapper test queries)", xlim=(0, 1))
     ax.legend(frameon=False, fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
+    plt.close(fig)  # shown once, by the cell that returns it
     return fig
 
 
