@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from imprint.attribution.models import pad_rows
 from imprint.data.hops import HopsDocument, HopsQuery
 from imprint.runtime.checks import require_choice, require_float, require_int
 from imprint.runtime.devices import resolve_device
@@ -130,21 +131,11 @@ def _encode_documents(tokenizer, texts: Sequence[str], max_length: int, minimum:
     return rows
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 def _lm_batch(rows: Sequence[Sequence[int]], n_prompt: Sequence[int] | None, pad_id: int
               ) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (aligned with the ids, -100 where no
     loss: padding, and the prompt of a query)."""
-    ids, mask = _pad(rows, pad_id)
+    ids, mask = pad_rows(rows, pad_id)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     if n_prompt is not None:
         for i, k in enumerate(n_prompt):
@@ -282,7 +273,7 @@ def _pooled_states(model, rows: Sequence[Sequence[int]], pad_id: int, layer: int
 
     chunks = []
     for lo in range(0, len(rows), batch_size):
-        ids, mask = _pad(rows[lo:lo + batch_size], pad_id)
+        ids, mask = pad_rows(rows[lo:lo + batch_size], pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         with capture_hidden(model, [layer], weights=position_weights(mask, pooling)) as cap:
             model(input_ids=ids, attention_mask=mask)

@@ -221,12 +221,13 @@ def _batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id rows right-padded with ``pad_id`` into one batch, and its attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids, mask
 
@@ -332,7 +333,7 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-            ids, mask = _pad([encoded[i] for i in _batch_indices(len(encoded), step, batch_size, seed)],
+            ids, mask = pad_rows([encoded[i] for i in _batch_indices(len(encoded), step, batch_size, seed)],
                              tokenizer.pad_token_id)
             ids, mask = ids.to(dev), mask.to(dev)
             labels = ids.masked_fill(mask == 0, -100)

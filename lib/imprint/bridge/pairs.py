@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from imprint.bridge.per_example import _batches, _weights, lora_step_pairs
+from imprint.bridge.per_example import _batches, _weights, check_lora_factors, lora_step_pairs
 from imprint.runtime.checks import require_float, require_int, require_positive
 from imprint.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 
@@ -56,20 +56,6 @@ class LoRAPathPairs:
     steps: int
 
 
-def _check_factors(params: Mapping[str, Tensor], lora_a: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    factors = {}
-    for name, a in lora_a.items():
-        w = params[name]
-        if w.ndim != 2:
-            raise ValueError(f"lora_a[{name!r}]: the parameter {name!r} has shape {tuple(w.shape)}, expected a "
-                             "weight matrix [out, in]")
-        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != w.shape[1]:
-            raise ValueError(f"lora_a[{name!r}] has shape {tuple(a.shape)}: expected [r, {w.shape[1]}] with rank "
-                             "r >= 1 (the input width of the weight)")
-        factors[name] = a.detach().to(device=w.device, dtype=w.dtype)
-    return factors
-
-
 def lora_path_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: Int[Tensor, " n"],
                     lora_a: Mapping[str, Tensor], lr: float, steps: int, scaling: float = 1.0,
                     batch_size: int = 1, train_a: bool = True) -> LoRAPathPairs:
@@ -84,7 +70,7 @@ def lora_path_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: I
         raise ValueError("scaling=0.0: expected a nonzero LoRA scaling (the update would not depend on G)")
     names = list(lora_a)
     params = _weights(model, names)
-    factors = _check_factors(params, lora_a)
+    factors = check_lora_factors(params, lora_a)
     xb, yb = _batches(x, labels, batch_size)
     n_batches = xb.shape[0]
 
@@ -250,7 +236,7 @@ def generate_pairs(folder: str | Path, model: nn.Module, x: Float[Tensor, "n 1 h
     if not lora_a:
         raise ValueError("lora_a is empty: expected at least one adapted weight (name -> A [r, in])")
     params = _weights(model, list(lora_a))
-    factors = _check_factors(params, lora_a)
+    factors = check_lora_factors(params, lora_a)
     device = params[next(iter(factors))].device
     x, labels = x.to(device), labels.to(device)
     config = _config(model, x, labels, factors, options)

@@ -71,6 +71,22 @@ class LoRAStepPairs:
     scaling: float
 
 
+def check_lora_factors(params: Mapping[str, Tensor], lora_a: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each ``lora_a[name]`` as an ``[r, in]`` factor of the weight matrix ``params[name]``, detached, on its
+    device and in its dtype; anything else is refused by name."""
+    factors = {}
+    for name, a in lora_a.items():
+        w = params[name]
+        if w.ndim != 2:
+            raise ValueError(f"lora_a[{name!r}]: the parameter {name!r} has shape {tuple(w.shape)}, expected a "
+                             "weight matrix [out, in]")
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != w.shape[1]:
+            raise ValueError(f"lora_a[{name!r}] has shape {tuple(a.shape)}: expected [r, {w.shape[1]}] with rank "
+                             "r >= 1 (the input width of the weight)")
+        factors[name] = a.detach().to(device=w.device, dtype=w.dtype)
+    return factors
+
+
 def lora_step_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: Int[Tensor, " n"],
                     lora_a: Mapping[str, Tensor], lr: float, scaling: float = 1.0, batch_size: int = 1
                     ) -> LoRAStepPairs:
@@ -83,16 +99,7 @@ def lora_step_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: I
         raise ValueError("scaling=0.0: expected a nonzero LoRA scaling (the update would not depend on G)")
     names = list(lora_a)
     params = _weights(model, names)
-    factors = {}
-    for name in names:
-        w, a = params[name], lora_a[name]
-        if w.ndim != 2:
-            raise ValueError(f"lora_a[{name!r}]: the parameter {name!r} has shape {tuple(w.shape)}, expected a "
-                             "weight matrix [out, in]")
-        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != w.shape[1]:
-            raise ValueError(f"lora_a[{name!r}] has shape {tuple(a.shape)}: expected [r, {w.shape[1]}] with rank "
-                             "r >= 1 (the input width of the weight)")
-        factors[name] = a.detach().to(w.dtype)
+    factors = check_lora_factors(params, lora_a)
     xb, yb = _batches(x, labels, batch_size)
     zeros = {n: params[n].new_zeros(params[n].shape[0], factors[n].shape[0]) for n in names}
 
