@@ -10,8 +10,6 @@ is made on the validation half of the queries; every number the chapter reports 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +22,12 @@ from torch import Tensor
 from imprint.attribution import baselines, methods
 from imprint.attribution.hooks import n_hidden_layers
 from imprint.attribution.evaluation import LogitEvaluation, logit_evaluation
-from imprint.attribution.metrics import (composition_at_k, hops_categories, paired_difference, ranking_metrics,
-                                         summarise)
+from imprint.attribution.metrics import composition_at_k, paired_difference, ranking_metrics, summarise
 from imprint.attribution.models import add_function_tokens, finetune_causal_lm, tiny_llama_for
 from imprint.data.hops import (HopsDocument, HopsFunction, HopsQuery, document_functions, function_families,
-                               generate_hops_documents, hops_queries, hops_spec, read_hops_jsonl,
-                               relevance_mask, train_hops_tokenizer)
-from imprint.runtime.checks import require_choice, require_float, require_int
+                               generate_hops_documents, hops_spec, read_hops_jsonl, train_hops_tokenizer)
+from imprint.runtime.checkpoint import keyed_dir
+from imprint.runtime.checks import require_choice, require_int
 from imprint.runtime.devices import resolve_device
 from imprint.runtime.io import atomic_save_tensors, load_tensors
 
@@ -165,7 +162,8 @@ def attribution_queries(evaluation: LogitEvaluation, per_function: int, seed: in
 
 
 def run_key(**config) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short digest of ``config``: the one :func:`imprint.runtime.checkpoint.keyed_dir` names folders by."""
+    return keyed_dir(".", **config).name
 
 
 def cached(folder: Path | None, name: str, key: str, compute: Callable[[], Tensor]) -> tuple[Tensor, float]:
@@ -314,28 +312,30 @@ class Scores:
 def feature_scores(f_old, f_new, tokenizer, qs: QuerySet, documents: Sequence[HopsDocument], relevant: Tensor,
                    out: Scores, *, batch_size: int, device: str, topk: int = 3) -> None:
     """Δh, ∂L/∂h, Δh ⊙ g and h_new at every layer (documents mean-pooled; last-token pooling and dot
-    products as ablations): per-layer cosine scores aggregated as :func:`layered_scores` does."""
+    products as ablations): per-layer cosine scores aggregated as :func:`layered_scores` does. A method's
+    seconds are the one feature pass over queries and documents that serves all four, plus its own scoring."""
     layers = list(range(n_hidden_layers(f_new) + 1))
     dev = resolve_device(device)
-    enc_q = methods.encode_queries(tokenizer, qs.queries)
-    feats_q = methods.change_features(f_old, f_new, enc_q, layers, batch_size, device)
+    start = time.perf_counter()
+    feats_q = methods.change_features(f_old, f_new, methods.encode_queries(tokenizer, qs.queries), layers,
+                                      batch_size, device)
+    query_seconds = time.perf_counter() - start
     for pooling in ("mean", "last"):
-        enc_d = methods.encode_documents(tokenizer, documents, pooling=pooling)
-        feats_d = None
+        start = time.perf_counter()
+        feats_d = methods.change_features(f_old, f_new, methods.encode_documents(tokenizer, documents, pooling=pooling),
+                                          layers, batch_size, device)
+        feature_seconds = query_seconds + time.perf_counter() - start
         for label, kind in FEATURE_METHODS.items():
             for normalise in (True, False):
                 if (pooling, normalise) != ("mean", True) and kind == "hidden_new":
                     continue
                 tag = f"{label} [{pooling}{'' if normalise else ', dot'}]"
-
-                if feats_d is None:
-                    feats_d = methods.change_features(f_old, f_new, enc_d, layers, batch_size, device)
                 start = time.perf_counter()
                 per_layer = methods.similarity_scores(feats_q.kind(kind).to(dev), feats_d.kind(kind).to(dev),
                                                       normalise)
                 aggregated, choice = layered_scores(per_layer, relevant.to(dev), qs, layers, topk)
                 aggregated = {how: x.cpu() for how, x in aggregated.items()}
-                seconds = time.perf_counter() - start
+                seconds = feature_seconds + time.perf_counter() - start
                 if (pooling, normalise) == ("mean", True):
                     name = "hidden state (f_new)" if kind == "hidden_new" else label
                     for how, s in aggregated.items():

@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from imprint.bridge.per_example import _batches, _weights, check_lora_factors, lora_step_pairs
+from imprint.bridge.per_example import _batches, _weights, check_lora_factors, lora_setup, lora_step_pairs
 from imprint.runtime.checks import require_float, require_int, require_positive
 from imprint.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 
@@ -63,15 +63,8 @@ def lora_path_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: I
     on each consecutive batch of ``batch_size`` examples (the same batch at every step), vmapped over
     batches; only the weights named by ``lora_a`` are adapted. With ``steps=1`` it is
     :func:`~imprint.bridge.per_example.lora_step_pairs`."""
-    lr = require_positive("lr", lr)
     steps = require_int("steps", steps, minimum=1)
-    scaling = require_float("scaling", scaling)
-    if scaling == 0.0:
-        raise ValueError("scaling=0.0: expected a nonzero LoRA scaling (the update would not depend on G)")
-    names = list(lora_a)
-    params = _weights(model, names)
-    factors = check_lora_factors(params, lora_a)
-    xb, yb = _batches(x, labels, batch_size)
+    lr, scaling, names, params, factors, xb, yb = lora_setup(model, x, labels, lora_a, lr, scaling, batch_size)
     n_batches = xb.shape[0]
 
     def loss_w(w: dict[str, Tensor], xs: Tensor, ys: Tensor) -> Tensor:

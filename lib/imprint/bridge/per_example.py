@@ -87,12 +87,10 @@ def check_lora_factors(params: Mapping[str, Tensor], lora_a: Mapping[str, Tensor
     return factors
 
 
-def lora_step_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: Int[Tensor, " n"],
-                    lora_a: Mapping[str, Tensor], lr: float, scaling: float = 1.0, batch_size: int = 1
-                    ) -> LoRAStepPairs:
-    """Proxy pairs ``(Delta B, G)`` for the weight matrices named by ``lora_a`` (``name -> A [r, in]``), one
-    per consecutive batch of ``batch_size`` examples: one SGD step of size ``lr`` of ``W0 + scaling B A``
-    from ``B = 0`` on that batch, and the full gradient at ``W0`` it was taken from."""
+def lora_setup(model: nn.Module, x: Tensor, labels: Tensor, lora_a: Mapping[str, Tensor], lr: float,
+               scaling: float, batch_size: int):
+    """The checked arguments of a LoRA-update computation: ``lr``, ``scaling`` (nonzero), the adapted
+    weight names, the model's detached weights, the A factors and the batched examples."""
     lr = require_positive("lr", lr)
     scaling = require_float("scaling", scaling)
     if scaling == 0.0:
@@ -101,6 +99,16 @@ def lora_step_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: I
     params = _weights(model, names)
     factors = check_lora_factors(params, lora_a)
     xb, yb = _batches(x, labels, batch_size)
+    return lr, scaling, names, params, factors, xb, yb
+
+
+def lora_step_pairs(model: nn.Module, x: Float[Tensor, "n *features"], labels: Int[Tensor, " n"],
+                    lora_a: Mapping[str, Tensor], lr: float, scaling: float = 1.0, batch_size: int = 1
+                    ) -> LoRAStepPairs:
+    """Proxy pairs ``(Delta B, G)`` for the weight matrices named by ``lora_a`` (``name -> A [r, in]``), one
+    per consecutive batch of ``batch_size`` examples: one SGD step of size ``lr`` of ``W0 + scaling B A``
+    from ``B = 0`` on that batch, and the full gradient at ``W0`` it was taken from."""
+    lr, scaling, names, params, factors, xb, yb = lora_setup(model, x, labels, lora_a, lr, scaling, batch_size)
     zeros = {n: params[n].new_zeros(params[n].shape[0], factors[n].shape[0]) for n in names}
 
     def adapted_loss(b: dict[str, Tensor], xs: Tensor, ys: Tensor) -> Tensor:
