@@ -119,3 +119,175 @@ def kkt_fit(model: nn.Module, x: Float[Tensor, "n d"], y: Float[Tensor, " n"], c
         out = functional_call(model, model64, (x.double(),)).reshape(-1)
     return KKTFit(lam, float(residual.norm() / theta.norm()), (y.double().to(out.device) * out).cpu().numpy(),
                   layers)
+
+
+
+# ------------------------------------------------------------------------------ one run of chapter 00
+
+def _digit_class_counts() -> np.ndarray:
+    """How many of scikit-learn's 8x8 digits each class 0..9 has (the pool every split draws from)."""
+    from sklearn.datasets import load_digits
+
+    return np.bincount(load_digits().target, minlength=10)
+
+
+def _balanced_counts(n: int, n_classes: int) -> np.ndarray:
+    """Images per class of a balanced draw of ``n`` (the first ``n % n_classes`` classes get one more)."""
+    return np.array([n // n_classes + (1 if i < n % n_classes else 0) for i in range(n_classes)])
+
+
+def check_digit_sizes(n_train, n_heldout) -> tuple[int, int]:
+    """``n_train`` and ``n_heldout`` checked to fit, balanced and disjoint, in the digits of every class."""
+    from imprint.runtime.checks import require_int
+
+    n_train = require_int("n_train", n_train, minimum=2)
+    n_heldout = require_int("n_heldout", n_heldout, minimum=1)
+    counts = _digit_class_counts()
+    need = _balanced_counts(n_train, len(counts)) + _balanced_counts(n_heldout, len(counts))
+    short = np.flatnonzero(need > counts)
+    if short.size:
+        c = int(short[0])
+        raise ValueError(f"n_train={n_train} and n_heldout={n_heldout} (n_train + n_heldout = {n_train + n_heldout}) "
+                         f"ask for {int(need[c])} digits of class {c}, but the {int(counts.sum())} digits hold only "
+                         f"{int(counts[c])} of it: expected n_train + n_heldout to fit, balanced, in every class")
+    return n_train, n_heldout
+
+
+def init_seed_of(init_seed: int, data_seed: int) -> int:
+    """The initialisation seed of the network trained on data seed ``data_seed`` (one stream per pair)."""
+    return int(np.random.SeedSequence([int(init_seed), int(data_seed)]).generate_state(1)[0])
+
+
+def log_snapshots(steps: int, log_every: int, n_snapshots: int) -> list[int]:
+    """Up to ``n_snapshots`` multiples of ``log_every`` on a logarithmic grid, ending at ``steps``."""
+    from imprint.runtime.checks import require_int
+
+    steps = require_int("steps", steps, minimum=1)
+    log_every = require_int("log_every", log_every, minimum=1)
+    n_snapshots = require_int("n_snapshots", n_snapshots, minimum=1)
+    grid = np.geomspace(min(log_every, steps), steps, n_snapshots)
+    snaps = sorted({min(steps, max(log_every, int(round(s / log_every)) * log_every)) for s in grid[:-1]} | {steps})
+    return [int(s) for s in snaps]
+
+
+@dataclass
+class ImplicitBiasRun:
+    """One schedule trained on every data seed at once (network k on data seed ``data_seeds[k]``).
+
+    ``fits[t][k]`` and ``fits_heldout[t][k]`` are the KKT fits of network k at ``snapshots[t]``, on its
+    training set and on its held-out control set of the same data seed; ``history`` is the trainer's log
+    (``[logs, networks]`` per quantity); ``test_accuracy[k]`` is network k's accuracy on its held-out set.
+    """
+
+    data_seeds: list[int]
+    init_seeds: list[int]
+    snapshots: list[int]
+    fits: list[list[KKTFit]]
+    fits_heldout: list[list[KKTFit]]
+    history: dict[str, Tensor]
+    test_accuracy: np.ndarray
+    result: object  # imprint.models.mlp.TrainResult at the last snapshot
+    splits: list  # imprint.data.digits.ImageSplit per data seed
+
+    def final(self, heldout: bool = False) -> list[KKTFit]:
+        return (self.fits_heldout if heldout else self.fits)[-1]
+
+    def residuals(self, heldout: bool = False) -> np.ndarray:
+        """``[snapshots, networks]`` relative KKT residuals."""
+        return np.array([[f.rel_residual for f in row] for row in (self.fits_heldout if heldout else self.fits)])
+
+
+def run_implicit_bias(data_seeds, n_train: int, n_heldout: int, config, snapshots=None, init_seed: int = 0,
+                      device: torch.device | str = "cpu", checkpoint_dir=None, chunk_size: int | None = 64
+                      ) -> ImplicitBiasRun:
+    """Train one network per data seed (even vs odd digits, a fresh balanced draw of ``n_train`` training
+    and ``n_heldout`` held-out digits per seed) in one batched ``train_mlps`` call and fit the KKT
+    multipliers of each, on its training set and on its held-out set, at every snapshot step.
+
+    ``config`` is an :class:`imprint.models.mlp.TrainConfig` (its ``steps`` the last snapshot; ``snapshots``
+    None: that step only). With ``checkpoint_dir`` training checkpoints into, and the fits are stored in,
+    ``keyed_dir(checkpoint_dir, ...)`` of everything that determines them: a rerun resumes and refits
+    nothing it already has. Without it a temporary folder carries training from one snapshot to the next.
+    Network k starts from :func:`init_seed_of` ``(init_seed, data_seeds[k])``.
+    """
+    from imprint.data.digits import even_odd_targets, load_digit_split
+    from imprint.data.images import check_data_seeds
+    from imprint.models.mlp import TrainConfig, train_mlps
+    from imprint.runtime.checkpoint import keyed_dir
+    from imprint.runtime.checks import require_int
+
+    data_seeds = check_data_seeds(data_seeds)
+    n_train, n_heldout = check_digit_sizes(n_train, n_heldout)
+    init_seed = require_int("init_seed", init_seed, minimum=0)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config={config!r}: expected an imprint.models.mlp.TrainConfig")
+    if config.loss != "logistic":
+        raise ValueError(f"config.loss={config.loss!r}: expected 'logistic' (the binary max-margin problem)")
+    snapshots = [config.steps] if snapshots is None else [require_int(f"snapshots[{i}]", s, minimum=1)
+                                                          for i, s in enumerate(snapshots)]
+    if not snapshots or snapshots != sorted(set(snapshots)) or snapshots[-1] != config.steps:
+        raise ValueError(f"snapshots={snapshots}: expected increasing steps ending at config.steps={config.steps}")
+    device = torch.device(device)
+
+    splits = [load_digit_split(n_train, n_heldout, s) for s in data_seeds]
+    x = torch.stack([sp.x_train for sp in splits])
+    y = torch.stack([even_odd_targets(sp.label_train) for sp in splits])
+    y_heldout = [even_odd_targets(sp.label_heldout) for sp in splits]
+    seeds = [init_seed_of(init_seed, s) for s in data_seeds]
+    if checkpoint_dir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_implicit_bias(data_seeds, n_train, n_heldout, config, snapshots, init_seed, device, tmp,
+                                     chunk_size)
+    key = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()
+           if k not in ("steps", "checkpoint_every", "log_every", "graph_steps")}
+    folder = keyed_dir(checkpoint_dir, config=key, n_train=n_train, n_heldout=n_heldout,
+                       data_seeds=data_seeds, init_seeds=seeds)
+
+    def fit_all(result) -> tuple[list[KKTFit], list[KKTFit]]:
+        nets = [result.model(k, dtype=torch.float64).to(device) for k in range(len(data_seeds))]
+        train = [kkt_fit(net, sp.x_train.to(device), y[k].to(device), chunk_size) for k, (net, sp) in
+                 enumerate(zip(nets, splits))]
+        held = [kkt_fit(net, sp.x_heldout.to(device), y_heldout[k].to(device), chunk_size) for k, (net, sp) in
+                enumerate(zip(nets, splits))]
+        return train, held
+
+    fits, fits_heldout, result = [], [], None
+    for s in snapshots:
+        cfg = TrainConfig(**{**config.__dict__, "steps": s})
+        files = [folder / f"fit-{s:010d}-{part}-{ds}.safetensors" for part in ("train", "heldout")
+                 for ds in data_seeds]
+        if all(f.exists() for f in files):
+            loaded = [load_fit(f) for f in files]
+            train, held = loaded[:len(data_seeds)], loaded[len(data_seeds):]
+        else:
+            result = train_mlps(x, y, cfg, device=device, seeds=seeds, checkpoint_dir=folder, progress=False)
+            train, held = fit_all(result)
+            for f, fit in zip(files, train + held):
+                save_fit(f, fit)
+        fits.append(train)
+        fits_heldout.append(held)
+    if result is None or result.config.steps != config.steps:  # the last fits were loaded: load its weights
+        result = train_mlps(x, y, config, device=device, seeds=seeds, checkpoint_dir=folder, progress=False)
+    accuracy = []
+    with torch.no_grad():
+        for k, sp in enumerate(splits):
+            out = result.model(k, dtype=torch.float64)(sp.x_heldout.double())[:, 0]
+            accuracy.append(float((torch.sign(out) == y_heldout[k].double()).double().mean()))
+    return ImplicitBiasRun(data_seeds, seeds, snapshots, fits, fits_heldout, result.history,
+                           np.array(accuracy), result, splits)
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed values and its Student-t interval (NaN bounds for a single value)."""
+    import scipy.stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values has shape {v.shape}: expected a non-empty list, one value per seed")
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return mean, mean - half, mean + half
