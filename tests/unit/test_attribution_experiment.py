@@ -91,3 +91,50 @@ def test_test_only_baselines_leave_validation_rows_nan_and_the_table_reads_them(
     table = ex.method_table({"x": full + torch.rand(full.shape)}, relevant, qs,
                             hops_categories(qs.queries, docs, functions), n_boot=50)
     assert table["x"]["summary"]["overall"]["precision@10"]["n"] == int(qs.test.sum())
+
+
+def test_versus_is_the_mean_paired_difference_of_precision_at_10():
+    docs, functions, queries = corpus()
+    qs = ex.attribution_queries(evaluated(queries, torch.ones(len(queries), dtype=torch.bool)), per_function=6)
+    relevant = relevance_mask(qs.queries, docs, functions)
+    gen = torch.Generator().manual_seed(3)
+    scores = {"a": torch.rand(relevant.shape, generator=gen) + 0.5 * relevant,
+              "b": torch.rand(relevant.shape, generator=gen)}
+    got = ex.versus(scores, relevant, qs, "a", "b", n_boot=200)
+    rows = [i for i in range(len(qs.queries)) if qs.test[i] and qs.queries[i].hop_depth >= 1]
+
+    def p10(s, i):
+        top = sorted(range(len(docs)), key=lambda j: -float(s[i, j]))[:10]
+        return sum(bool(relevant[i, j]) for j in top) / 10
+
+    want = sum(p10(scores["a"], i) - p10(scores["b"], i) for i in rows) / len(rows)
+    assert abs(got["mean"] - want) < 1e-9 and got["n"] == len(rows)
+    assert got["lo"] <= got["hi"]
+    import pytest
+
+    with pytest.raises(ValueError, match=r"method 'c': not among the scored methods \['a', 'b'\]"):
+        ex.versus(scores, relevant, qs, "a", "c")
+
+
+def test_first_layer_reaching_reads_the_per_layer_precision():
+    choice = ex.LayerChoice(layers=[0, 1, 2, 3], precision_at_10={"base": [0.1, 0.2, 1.0, 1.0],
+                                                                  "wrapper": [0.1, 0.95, 0.5, 1.0]},
+                            weights=[0.25] * 4, best_layer=3)
+    assert ex.first_layer_reaching(choice, 0.9) == 1
+    assert ex.first_layer_reaching(choice, 0.9, group="base") == 2
+    assert ex.first_layer_reaching(choice, 1.01) is None
+
+
+def test_caches_and_checkpoints_are_keyed_by_the_corpus(tmp_path):
+    from imprint.data.hops import HopsSpec
+
+    spec = hops_spec(3, docs_per_base=6, docs_per_wrapper=4)
+    shared = HopsSpec(**{**vars(spec), "constants": (5, 5, 7)})
+    a, b = generate_hops_documents(spec), generate_hops_documents(shared)
+    assert [d.uid for d in a] == [d.uid for d in b]  # the same uids: the texts and constants differ
+    assert ex.corpus_digest(a) == ex.corpus_digest(list(a)) != ex.corpus_digest(b)
+    tune = dict(steps=10, lr=1e-3)
+    assert ex.finetune_dir(tmp_path, "tiny", a, tune) == ex.finetune_dir(tmp_path, "tiny", a, dict(tune))
+    assert len({ex.finetune_dir(tmp_path, "tiny", a, tune), ex.finetune_dir(tmp_path, "tiny", b, tune),
+                ex.finetune_dir(tmp_path, "smollm2", a, tune),
+                ex.finetune_dir(tmp_path, "tiny", a, dict(tune, steps=11))}) == 4

@@ -11,7 +11,7 @@ import torch
 
 from imprint.attribution.metrics import (HOPS_CATEGORIES, composition_at_k, hops_categories,
                                          paired_difference, ranking_metrics, summarise)
-from imprint.data.hops import (generate_hops_documents, hops_queries, hops_spec, relevance_mask,
+from imprint.data.hops import (HopsSpec, generate_hops_documents, hops_queries, hops_spec, relevance_mask,
                                spec_functions)
 
 try:
@@ -173,7 +173,31 @@ def test_hops_categories_follow_roles_and_families(tiny_hops):
             else:
                 want = "other"
             assert names[codes[i, j]] == want, (q.func, d.uid)
-    assert set(codes.unique().tolist()) == {0, 1, 2, 3}
+    assert {names[c] for c in codes.unique().tolist()} == {"constant", "identity", "distractor", "other"}
+    assert torch.equal(codes <= 1, relevance_mask(queries, docs, functions))
+
+
+def test_hops_categories_mark_the_pair_that_shares_the_answer():
+    spec = hops_spec(n_pairs=3, docs_per_base=4, docs_per_wrapper=2, distractors_per_function=1)
+    spec = HopsSpec(**{**vars(spec), "constants": (5, 5, 7)})
+    functions = spec_functions(spec)
+    queries, docs = hops_queries(functions, inputs=range(1, 3)), generate_hops_documents(spec)
+    codes, names = hops_categories(queries, docs, functions)
+    base = {f.token: f.base for f in functions}
+    answer = {f.token: f.constant for f in functions}
+    for i, q in enumerate(queries):
+        for j, d in enumerate(docs):
+            if d.role == "distractor":
+                want = "distractor"
+            elif base[d.func] == base[q.func]:
+                want = "constant" if d.role == "constant" else "identity"
+            elif answer[d.func] == q.constant:
+                want = "same answer"
+            else:
+                want = "other"
+            assert names[codes[i, j]] == want, (q.func, d.uid)
+    shared = [i for i, q in enumerate(queries) if q.constant == 5]
+    assert (codes[shared] == names.index("same answer")).sum(1).min() > 0
     assert torch.equal(codes <= 1, relevance_mask(queries, docs, functions))
 
 

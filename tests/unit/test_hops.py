@@ -145,7 +145,7 @@ def test_spec_round_trips_through_json(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (dict(wrapper_tokens=WRAPPER_TOKENS[:9]), r"wrapper_tokens has 9 entries: expected one per base token"),
     (dict(wrapper_tokens=("<GN>",) + WRAPPER_TOKENS[1:]), r"tokens \['<GN>'\] appear more than once"),
-    (dict(constants=(5,) * 10), r"constants=\[5, 5.*expected distinct values"),
+    (dict(constants=(5,) * 9 + (-1,)), r"constants\[...\]=-1: expected a value >= 0"),
     (dict(doc_types=("definition", "poem")), r"doc_types\[...\]='poem': expected one of"),
     (dict(docs_per_base=0), r"docs_per_base=0: expected a value >= 1"),
     (dict(base_tokens=("<G N>",) + BASE_TOKENS[1:]), r"function token '<G N>'"),
@@ -154,6 +154,17 @@ def test_spec_round_trips_through_json(tmp_path):
 def test_bad_specs_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         HopsSpec(**overrides)
+
+
+def test_pairs_may_share_a_constant():
+    spec = HopsSpec(**{**vars(hops_spec(4, docs_per_base=6, docs_per_wrapper=3)), "constants": (5, 5, 7, 7)})
+    docs = generate_hops_documents(spec)
+    functions = spec_functions(spec)
+    assert sorted({f.constant for f in functions}) == [5, 7]
+    stated = {d.func: integers_in(d.text, spec.function_tokens) for d in docs if d.role == "constant"}
+    assert all(5 in v for k, v in stated.items() if k in spec.base_tokens[:2])
+    assert all(7 in v for k, v in stated.items() if k in spec.base_tokens[2:])
+    assert not any(integers_in(d.text, spec.function_tokens) & {5, 7} for d in docs if d.role == "identity")
 
 
 def test_jsonl_round_trip(tmp_path, docs):

@@ -161,6 +161,23 @@ def attribution_queries(evaluation: LogitEvaluation, per_function: int, seed: in
 # Scores, cached per method
 
 
+def corpus_digest(documents: Sequence[HopsDocument]) -> str:
+    """A digest of everything about the documents that training and scoring read (uid, text, function,
+    role, constant), so that caches and checkpoints of one corpus are never read for another."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in documents:
+        h.update(repr((d.uid, d.text, d.func, d.role, d.constant)).encode())
+    return h.hexdigest()[:16]
+
+
+def finetune_dir(base: str | Path, model: str, documents: Sequence[HopsDocument], tune: dict) -> Path:
+    """The checkpoint folder of one fine-tuning run: ``base/<digest>`` of the model, the corpus and the
+    fine-tuning options, so a rerun with other parameters starts afresh and the same one resumes."""
+    return keyed_dir(base, model=model, corpus=corpus_digest(documents), **tune)
+
+
 def run_key(**config) -> str:
     """A short digest of ``config``: the one :func:`imprint.runtime.checkpoint.keyed_dir` names folders by."""
     return keyed_dir(".", **config).name
@@ -259,16 +276,41 @@ def headline(table: dict, group: str = "wrapper", metric: str = "precision@10", 
     return {"group": group, "metric": metric, "reference": reference, "rows": rows, "beats_reference": winners}
 
 
+def versus(scores: dict[str, Tensor], relevant: Tensor, qs: QuerySet, a: str, b: str, group: str = "wrapper",
+           metric: str = "precision@10", n_boot: int = 1000, seed: int = 0) -> dict:
+    """The paired difference ``a - b`` in ``metric`` over the test queries of ``group``, resampling and
+    sign-flipping whole functions as :func:`method_table` does (:func:`metrics.paired_difference`)."""
+    for name in (a, b):
+        if name not in scores:
+            raise ValueError(f"method {name!r}: not among the scored methods {sorted(scores)}")
+    rows = qs.test & qs.groups()[group]
+    if not rows.any():
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "p": float("nan"), "n": 0}
+    per = {n: ranking_metrics(scores[n][rows], relevant[rows], ks=(1, 5, 10))[metric] for n in (a, b)}
+    return paired_difference(per[a], per[b], n_boot=n_boot, seed=seed, clusters=qs.clusters()[rows])
+
+
+def first_layer_reaching(choice: "LayerChoice", level: float, group: str = "wrapper") -> int | None:
+    """The lowest layer whose test precision@10 on ``group`` reaches ``level`` (None if none does)."""
+    for layer, p in zip(choice.layers, choice.precision_at_10[group]):
+        if p >= level:
+            return int(layer)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Counterfactual check
 
 
 def counterfactual(f_old, tokenizer, documents: Sequence[HopsDocument], functions: Sequence[HopsFunction],
                    family_base: str, queries: Sequence[HopsQuery], scores: dict[str, Tensor],
-                   fine_tune_args: dict, candidates: Sequence[int], device: str, k: int = 10) -> dict:
+                   fine_tune_args: dict, candidates: Sequence[int], device: str, k: int = 10,
+                   model_key: str = "") -> dict:
     """Retrain f_new without every document of ``family_base``'s family; the family's queries should fail
     and the others hold. Per method: the share of the family's queries' top-k documents that are among the
-    removed ones (the documents whose removal broke the query)."""
+    removed ones (the documents whose removal broke the query). A ``checkpoint_dir`` among the
+    fine-tuning arguments is the base of :func:`finetune_dir` (keyed by ``model_key``, the kept corpus
+    and the other arguments)."""
     families = function_families(functions)
     if family_base not in families:
         raise ValueError(f"counterfactual family {family_base!r}: not a function of the corpus; expected one of "
@@ -276,7 +318,11 @@ def counterfactual(f_old, tokenizer, documents: Sequence[HopsDocument], function
     family = families[family_base]
     removed = torch.tensor([d.func in family and d.role != "distractor" for d in documents])
     kept_docs = [d for d, r in zip(documents, removed.tolist()) if not r]
-    f_minus, _ = fine_tune(f_old, tokenizer, kept_docs, **fine_tune_args)
+    args = dict(fine_tune_args)
+    if args.get("checkpoint_dir") is not None:
+        base = args.pop("checkpoint_dir")
+        args["checkpoint_dir"] = finetune_dir(base, model_key, kept_docs, args)
+    f_minus, _ = fine_tune(f_old, tokenizer, kept_docs, **args)
     ev = logit_evaluation(f_minus, tokenizer, queries, device=device, candidates=candidates)
     inside = torch.tensor([q.func in family for q in queries])
     out = {"family": sorted(family), "removed_documents": int(removed.sum()),
@@ -479,11 +525,12 @@ def plot_methods(table: dict, metric: str = "precision@10", order: Sequence[str]
             s = table[name]["summary"].get(group, {}).get(metric)
             if s is None:
                 continue
-            ax.errorbar(s["mean"], y[i] + shift, xerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]], fmt="o",
-                        color=colour, ms=3.5, capsize=2, label=group if i == 0 else None)
+            # the interval is drawn as it is: with clusters of unequal size the query mean may lie outside it
+            ax.plot([s["lo"], s["hi"]], [y[i] + shift] * 2, color=colour, lw=1.2, marker="|", ms=5)
+            ax.plot(s["mean"], y[i] + shift, "o", color=colour, ms=3.5, label=group if i == 0 else None)
     ax.set_yticks(y.tolist(), names, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel=f"{metric} on test queries (mean, 95% bootstrap interval)", xlim=(0, 1))
+    ax.set(xlabel=f"{metric} on test queries (mean, 95% cluster-bootstrap interval)", xlim=(0, 1))
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     fig.tight_layout()
     plt.close(fig)  # shown once, by the cell that returns it
@@ -518,12 +565,12 @@ def plot_composition(table: dict, order: Sequence[str]):
     left = torch.zeros(len(names))
     for j, cat in enumerate(cats):
         share = torch.tensor([table[n]["composition@10_wrapper"][cat] for n in names])
-        ax.barh(range(len(names)), share, left=left, label=cat, color=f"C{j}")
+        ax.barh(range(len(names)), share, left=left, label=cat, color="0.75" if cat == "other" else f"C{j}")
         left += share
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="share of the top 10 (wrapper test queries)", xlim=(0, 1))
-    ax.legend(frameon=False, fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.legend(frameon=False, fontsize=8, ncol=len(names), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout()
     plt.close(fig)  # shown once, by the cell that returns it
     return fig
@@ -546,9 +593,30 @@ def _listing(values: dict[str, float]) -> str:
     return ", ".join(f"{v:.3f} ({k})" for k, v in values.items()) or "nothing (not run)"
 
 
+def _answer_text(m: dict, shares: dict[str, float], shared_constants: bool | None) -> str:
+    chance = m["same_answer_chance"]
+    if shared_constants and not chance > 0:
+        return ("Pairs share constants in this corpus, but no wrapper test query has an answer that another "
+                "pair shares, so the same-answer documents cannot be counted here.")
+    if not chance > 0:
+        return ("No two pairs share a constant in this corpus, so a representation that carries the answer "
+                "f_new gives already singles out the query's family: this run cannot tell attribution from "
+                "matching the answer.")
+    listed = ", ".join(f"{v:.3f} ({k})" for k, v in shares.items())
+    return (f"Pairs share constants in this corpus. For a wrapper query, the documents of the other family "
+            f"with the same answer are {chance:.3f} of the corpus; a method that matched the answer alone "
+            f"would fill its top 10 with them as often as with the relevant ones. Their share of the top 10 is "
+            f"{listed}.")
+
+
 def chapter_metrics(acc: dict, qs: QuerySet, table: dict, head: dict, patch_table: dict, ablation_table: dict,
-                    scores: Scores, probe_summary: dict, counterfactuals: list[dict]) -> dict:
-    """The flat numbers the chapter's prose reads, and the nested tables behind them."""
+                    scores: Scores, probe_summary: dict, counterfactuals: list[dict],
+                    categories: tuple[Tensor, Sequence[str]] | None = None,
+                    comparisons: dict[str, dict] | None = None, shared_constants: bool | None = None) -> dict:
+    """The flat numbers the chapter's prose reads, and the nested tables behind them. ``categories`` (from
+    :func:`metrics.hops_categories`) adds the corpus share of same-answer documents; ``comparisons`` maps
+    a short name to a :func:`versus` result, flattened to ``<name>``, ``<name>_lo``, ``<name>_hi``,
+    ``<name>_p``; ``shared_constants`` says whether two pairs of the corpus share a constant."""
     test_groups = qs.groups(qs.test)
     m = {"n_test_queries": int(qs.test.sum()), "n_test_wrapper": int(test_groups["wrapper"].sum()),
          "n_validation_queries": int(qs.validation.sum())}
@@ -573,6 +641,28 @@ def chapter_metrics(acc: dict, qs: QuerySet, table: dict, head: dict, patch_tabl
     for short, name in (("attr", "Δh ⊙ g · fitted"), ("bm25", "BM25")):
         m[f"{short}_wrapper_constant_share"] = float(table.get(name, {}).get("composition@10_wrapper", {})
                                                      .get("constant", float("nan")))
+    shares = {}
+    for short, name in (("dh", "Δh · fitted"), ("hidden", "hidden state (f_new) · fitted"), ("bm25", "BM25"),
+                        ("edit", "edit distance")):
+        m[f"{short}_wrapper_same_answer_share"] = float(table.get(name, {}).get("composition@10_wrapper", {})
+                                                        .get("same answer", float("nan")))
+        if name in table:
+            shares[name] = m[f"{short}_wrapper_same_answer_share"]
+    m["same_answer_chance"] = float("nan")
+    if categories is not None:
+        codes, names = categories
+        rows = qs.test & qs.groups()["wrapper"]
+        if "same answer" in names and rows.any():
+            m["same_answer_chance"] = float((codes[rows] == list(names).index("same answer")).double().mean())
+    m["answer_text"] = _answer_text(m, shares, shared_constants)
+    for short, d in (comparisons or {}).items():
+        m.update({short: d["mean"], f"{short}_lo": d["lo"], f"{short}_hi": d["hi"], f"{short}_p": d["p"]})
+    m["reach_level"] = 0.9
+    for short, name in (("dh", "Δh"), ("hidden", "hidden state (f_new)")):
+        choice = scores.layer_choices.get(name)
+        reach = None if choice is None else first_layer_reaching(choice, m["reach_level"])
+        m[f"{short}_first_layer_reaching"] = -1 if reach is None else reach
+    m["n_layers_read"] = len(next(iter(scores.layer_choices.values())).layers) if scores.layer_choices else 0
     winners = []
     for name in head["beats_reference"]:
         d = table[name]["vs_BM25"]["wrapper"]["precision@10"]

@@ -34,7 +34,7 @@ from torch import Tensor
 from imprint.data.hops import HopsDocument, HopsFunction, HopsQuery, relevance_mask
 from imprint.runtime.checks import require_choice, require_float, require_int
 
-HOPS_CATEGORIES = ("constant", "identity", "distractor", "other")
+HOPS_CATEGORIES = ("constant", "identity", "same answer", "distractor", "other")
 TIES = ("index", "pessimistic")
 
 
@@ -323,12 +323,16 @@ def hops_categories(queries: Sequence[HopsQuery], documents: Sequence[HopsDocume
     For query i and document j: ``"constant"`` when j is relevant to i (a document of i's function family,
     :func:`imprint.data.hops.relevance_mask`) with role ``constant``; ``"identity"`` when relevant with any
     other role (a wrapper's document); ``"distractor"`` when j's role is ``distractor``, whichever function
-    it mentions; ``"other"`` otherwise (the documents of other families).
+    it mentions; ``"same answer"`` when j belongs to another family whose constant is i's answer (only where
+    pairs share a constant); ``"other"`` otherwise (the documents of other families).
     """
     mask = relevance_mask(queries, documents, functions)
     role = torch.tensor([d.role == "constant" for d in documents], dtype=torch.bool)
     distractor = torch.tensor([d.role == "distractor" for d in documents], dtype=torch.bool)
+    doc_constant = torch.tensor([-1 if d.constant is None else d.constant for d in documents])
+    answer = torch.tensor([q.constant for q in queries])
     codes = torch.full(mask.shape, HOPS_CATEGORIES.index("other"), dtype=torch.long)
+    codes[(answer[:, None] == doc_constant[None, :]) & ~mask] = HOPS_CATEGORIES.index("same answer")
     codes[:, distractor] = HOPS_CATEGORIES.index("distractor")
     codes[mask & role] = HOPS_CATEGORIES.index("constant")
     codes[mask & ~role] = HOPS_CATEGORIES.index("identity")

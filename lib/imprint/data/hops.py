@@ -65,7 +65,9 @@ class HopsSpec:
     ``distractors_per_function`` documents mention each defined token without defining it and
     ``distractors_per_token`` mention each of ``distractor_tokens`` (tokens that are never defined).
     Example arguments in the texts are drawn from ``0..max_example_input`` without any constant.
-    Lists are accepted (a notebook's parameters, the JSON file) and stored as tuples.
+    Constants may repeat: pairs that share one cannot be told apart by their answer, so a method that
+    retrieves documents by the answer they lead to finds the other pair's documents as often as the right
+    ones. Lists are accepted (a notebook's parameters, the JSON file) and stored as tuples.
     """
 
     seed: int = 0
@@ -110,8 +112,6 @@ class HopsSpec:
                              "depth2_tokens and distractor_tokens: expected distinct tokens")
         for c in self.constants:
             require_int("constants[...]", c, minimum=0)
-        if len(set(self.constants)) != n:
-            raise ValueError(f"constants={list(self.constants)}: expected distinct values, one per base")
         for name in ("docs_per_base", "docs_per_wrapper", "docs_per_depth2"):
             require_int(name, getattr(self, name), minimum=1)
         require_int("distractors_per_function", self.distractors_per_function, minimum=0)
@@ -123,7 +123,7 @@ class HopsSpec:
         if len(set(self.doc_types)) != len(self.doc_types):
             raise ValueError(f"doc_types={list(self.doc_types)}: expected each type once")
         require_int("max_example_input", self.max_example_input, minimum=0)
-        free = self.max_example_input + 1 - sum(c <= self.max_example_input for c in self.constants)
+        free = self.max_example_input + 1 - sum(c <= self.max_example_input for c in set(self.constants))
         if free < 3:
             raise ValueError(f"max_example_input={self.max_example_input}: leaves {free} example inputs "
                              "once the constants are excluded; expected at least 3")
