@@ -24,8 +24,8 @@ def _rows(x):
 
 def test_each_data_seed_is_a_fresh_disjoint_draw(one_torch_thread):
     run = run_implicit_bias([0, 1, 2], N_TRAIN, N_HELDOUT, _config(steps=20))
-    images = [(_rows(sp.images(sp.x_train).reshape(N_TRAIN, -1)), _rows(sp.images(sp.x_heldout).reshape(N_HELDOUT, -1)))
-              for sp in run.splits]
+    images = [(_rows(sp.images(sp.x_train).reshape(N_TRAIN, -1)),
+               _rows(sp.images(sp.x_heldout).reshape(N_HELDOUT, -1))) for sp in run.splits]
     for train, held in images:
         assert len(train) == N_TRAIN and len(held) == N_HELDOUT and not train & held
     assert images[0][0] != images[1][0] != images[2][0]
@@ -50,7 +50,8 @@ def test_batched_networks_match_one_network_trained_alone(one_torch_thread):
         assert run.fits[-1][k].rel_residual == pytest.approx(ref.rel_residual, rel=1e-9, abs=1e-12)
         assert run.fits_heldout[-1][k].rel_residual == pytest.approx(ref_held.rel_residual, rel=1e-9, abs=1e-12)
         np.testing.assert_allclose(run.fits[-1][k].margins, ref.margins, rtol=1e-9)
-        acc = float((torch.sign(net(split.x_heldout.double())[:, 0]) == even_odd_targets(split.label_heldout)).double().mean())
+        signs = torch.sign(net(split.x_heldout.double())[:, 0])
+        acc = float((signs == even_odd_targets(split.label_heldout)).double().mean())
         assert run.test_accuracy[k] == acc
     np.testing.assert_allclose(run.residuals()[-1], [f.rel_residual for f in run.final()])
 
