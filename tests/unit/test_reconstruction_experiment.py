@@ -93,6 +93,12 @@ def test_a_second_schedule_adds_its_attacked_network_and_control(tmp_path, one_t
     assert set(s.residuals) == {"trained", "trained_normalised"}
     assert all(0 <= r <= 1 for r in s.residuals.values())
     assert float(s.margins["trained_normalised"].min()) > 0  # separated
+    # attacked at the plain network's norm; the norm it was trained to is kept
+    norm = lambda ws: float(torch.sqrt(sum((w ** 2).sum() for w in ws)))
+    for role in ("trained", "disjoint"):
+        assert norm(s.networks[role + "_normalised"]) == pytest.approx(s.norms[role], rel=1e-9)
+        assert norm(s.networks[role]) == pytest.approx(s.norms[role], rel=1e-9)
+    assert s.norms["trained_normalised"] > s.norms["trained"]
     verdict = works(cell, "trained_normalised")
     assert set(verdict["tests"]) == {"disjoint_normalised", "untrained"}
     assert verdict["works"] is False  # one seed cannot give p < 0.05

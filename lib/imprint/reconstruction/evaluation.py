@@ -478,3 +478,99 @@ def plot_reconstruction_rows(rows: dict, x_train: Float[Tensor, "n d"], x_heldou
     fig.subplots_adjust(wspace=0.05, hspace=0.4, left=0.12)
     plt.close(fig)
     return fig
+
+
+def plot_seed_counts(panels: dict, n_train: dict | int | None = None):
+    """Per-seed memorisation counts, one panel per cell: ``panels = {cell: {network: [count per seed]}}``.
+
+    Each data seed is a grey line through its networks (the pairing the tests use), each count a point,
+    and the mean over seeds a black bar. ``n_train`` (one size, or one per cell) labels the y axis.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 2.0 * sum(len(v) for v in panels.values()) / 3, 3.2),
+                             squeeze=False, sharey=True)
+    for ax, (cell, table) in zip(axes[0], panels.items()):
+        names = list(table)
+        values = np.asarray([table[k] for k in names], dtype=float)  # [networks, seeds]
+        xs = np.arange(len(names))
+        for s in range(values.shape[1]):
+            offset = (s - (values.shape[1] - 1) / 2) * 0.04
+            ax.plot(xs + offset, values[:, s], "-", color="0.75", lw=0.8, zorder=1)
+            ax.scatter(xs + offset, values[:, s], s=16, zorder=2, c=[f"C{j}" for j in range(len(names))])
+        ax.hlines(values.mean(1), xs - 0.25, xs + 0.25, color="black", lw=2, zorder=3)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([k.replace("_", "\n") for k in names], fontsize=7)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(cell, fontsize=8)
+    size = n_train if not isinstance(n_train, dict) else None
+    axes[0, 0].set_ylabel("memorised (per data seed)" + (f", of {size}" if size else ""))
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_size_sweep_seeds(sizes: Sequence[int], counts: dict):
+    """Memorised fraction against the training-set size: ``counts = {network: [[count per seed] per size]}``.
+
+    The sizes sit at evenly spaced positions labelled by their value (no crowded log ticks); every seed is
+    a small point, the mean over seeds a line.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.3))
+    xs = np.arange(len(sizes), dtype=float)
+    markers = ["o", "s", "^", "d", "v"]
+    for j, (name, per_size) in enumerate(counts.items()):
+        offset = (j - (len(counts) - 1) / 2) * 0.12
+        frac = [np.asarray(v, dtype=float) / n for v, n in zip(per_size, sizes)]
+        for x, f in zip(xs, frac):
+            ax.scatter(np.full(len(f), x + offset), f, s=12, alpha=0.55, color=f"C{j}", marker=markers[j % 5],
+                       linewidths=0)
+        ax.plot(xs + offset, [f.mean() for f in frac], "-", color=f"C{j}", marker=markers[j % 5], markersize=6,
+                label=f"{name} (mean)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.set(xlabel="training-set size n", ylabel="memorised fraction (best of N)", ylim=(-0.02, 1),
+           xlim=(-0.5, len(sizes) - 0.5))
+    ax.legend(fontsize=7)
+    plt.close(fig)
+    return fig
+
+
+def plot_support_seeds(ssim: Sequence[Tensor], memorised: Sequence[Tensor], quantities: dict):
+    """SSIM of every training image of every seed against per-image quantities (margin, multipliers):
+    ``quantities = {label: [values per seed]}``, each seed its own marker, memorised images in red.
+
+    A quantity with exact zeros beside positive values spanning more than a factor 30 (NNLS multipliers)
+    is drawn on a symmetric-log axis whose linear part ends at its smallest positive value, so a zero sits
+    at 0 rather than at an arbitrary floor.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.2), squeeze=False)
+    markers = ["o", "s", "^", "d", "v", "P", "X", "*"]
+    for ax, (label, per_seed) in zip(axes[0], quantities.items()):
+        pooled = []
+        for s, (values, ss, mem) in enumerate(zip(per_seed, ssim, memorised)):
+            v = torch.as_tensor(values).double()
+            mem = torch.as_tensor(mem).bool()
+            pooled.append(v)
+            marker = markers[s % len(markers)]
+            ax.scatter(v[~mem].numpy(), ss[~mem].numpy(), s=12, alpha=0.55, color="tab:blue", marker=marker,
+                       linewidths=0, label="not memorised" if s == 0 else None)
+            ax.scatter(v[mem].numpy(), ss[mem].numpy(), s=16, alpha=0.9, color="tab:red", marker=marker,
+                       linewidths=0, label="memorised" if s == 0 else None)
+        v = torch.cat(pooled)
+        positive = v[v > 0]
+        ax.set(xlabel=label, ylabel="SSIM of the reconstruction")
+        if len(positive) and bool((v >= 0).all()) and float(positive.max() / positive.min()) > 30:
+            if bool((v > 0).all()):
+                ax.set_xscale("log")
+            else:
+                ax.set_xscale("symlog", linthresh=float(positive.min()))
+                ax.axvline(0, color="0.8", lw=0.6, zorder=0)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

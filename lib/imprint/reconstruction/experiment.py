@@ -69,6 +69,7 @@ class SeedResult:
     margins: dict[str, Tensor] = field(default_factory=dict)  # per trained network, on the attacked set
     multipliers: dict[str, Tensor] = field(default_factory=dict)  # NNLS fit on the attacked set
     residuals: dict[str, float] = field(default_factory=dict)  # relative KKT residual of that fit
+    norms: dict[str, float] = field(default_factory=dict)  # parameter norm of every trained network, as trained
 
     def pick(self, network: str, rule: str = "count", configs: int | None = None) -> int:
         """The configuration chosen on ``network``: most memorised (``count``, the oracle rule) or lowest
@@ -169,7 +170,7 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
              extract_config: ExtractionConfig, out: str | Path, *, sizes: Sequence[int] | None = None,
              n_heldout: int | None = None, data_dir: str | Path | None = None,
              classes: Sequence[int] | None = None, schedules: Sequence[TrainConfig] = (), init_seed: int = 0,
-             pixel_box: bool = True, fit_multipliers: bool = True, n_classes: int = 2,
+             pixel_box: bool = True, fit_multipliers: bool = True, n_classes: int = 2, match_norm: bool = True,
              device: torch.device | str = "cpu", progress: bool = False) -> CellResult:
     """The attack on one cell for every seed of ``data_seeds``, with both controls.
 
@@ -179,7 +180,9 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
     ``schedules`` adds an attacked network and a disjoint control trained by it from the same
     initialisation (named ``trained_<schedule>``, ``disjoint_<schedule>``). ``untrained`` is that
     initialisation itself. The networks of seed ``s`` start from ``init_weights`` of seed
-    ``1000 * init_seed + s``. ``sizes`` fixes the held-out pool at the size the largest of them allows
+    ``1000 * init_seed + s``. With ``match_norm`` the networks of ``schedules`` are attacked at the parameter
+    norm of the plain network with the same data and initialisation (their trained norms are kept in
+    ``SeedResult.norms``). ``sizes`` fixes the held-out pool at the size the largest of them allows
     (or checks ``n_heldout`` against it). Candidates are ``m = 2 n`` in equal shares per label.
     """
     seeds, pool = check_cell(dataset, n_train, data_seeds, sizes, n_heldout, data_dir, classes)
@@ -220,6 +223,16 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
         for j, role in enumerate(("trained", "disjoint")):
             weights[role + tag] = [[w[2 * i + j] for w in trained.weights] for i in range(len(seeds))]
         train_loss["trained" + tag] = [float(v) for v in trained.history["loss"][-1, ::2]]
+    norms = {k: [float(torch.sqrt(sum((w.double() ** 2).sum() for w in ws))) for ws in v] for k, v in weights.items()}
+    if match_norm:
+        # a homogeneous network's direction (its KKT point, its decisions) is unchanged by a common factor
+        # on its parameters, the attack's surrogate derivative and multiplier floor are not: a network of
+        # another schedule is attacked at the norm of the plain network with its data and initialisation
+        for tag in tags:
+            for role in ("trained", "disjoint"):
+                for i, ws in enumerate(weights[role + tag]):
+                    factor = norms[role][i] / norms[role + tag][i]
+                    weights[role + tag][i] = [w * factor for w in ws]
     dtype = weights["trained"][0][0].dtype
     d_out = 1 if binary else n_classes
     initial = init_weights(d, d_out, train_config, init[::2], dtype=dtype)
@@ -233,7 +246,8 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
                               box=box, checkpoint_dir=keyed_dir(out / "extraction", **key, name=name,
                                                                 train=[c.__dict__ | {"steps": c.steps} for c in configs],
                                                                 extract=extract_config.__dict__ | {"steps": None},
-                                                                hyper=hyper.rows(), box=pixel_box))
+                                                                hyper=hyper.rows(), box=pixel_box,
+                                                                match_norm=match_norm))
     cell = []
     form = extract_config.form
     for i, s in enumerate(seeds):
@@ -247,14 +261,16 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
                                       train_targets=train_targets, candidate_targets=labels_c)
                     for net, r in res.items()}
         seed_result = SeedResult(s, split, disjoint, targets, {net: weights[net][i] for net in names}, res, searches,
-                                 baseline, {k: v[i] for k, v in train_loss.items()})
+                                 baseline, {k: v[i] for k, v in train_loss.items()},
+                                 norms={k: v[i] for k, v in norms.items()})
         for net in ["trained", *("trained" + t for t in tags)]:
-            w = [v.detach().double().cpu() for v in weights[net][i]]
-            xt = split.x_train.double()
+            w = [v.detach().double() for v in weights[net][i]]  # where training ran: the fit is one Jacobian
+            xt = split.x_train.double().to(w[0].device)
             with torch.no_grad():
                 f = batched_forward([v.unsqueeze(0) for v in w], xt.unsqueeze(0))[0]
-            tgt = targets.double() if binary else targets.long()
-            seed_result.margins[net] = output_margins(f, tgt.unsqueeze(0), "logistic" if binary else "cross_entropy")[0]
+            tgt = (targets.double() if binary else targets.long()).to(w[0].device)
+            seed_result.margins[net] = output_margins(f, tgt.unsqueeze(0),
+                                                      "logistic" if binary else "cross_entropy")[0].cpu()
             if fit_multipliers:
                 lam, residual = fit_kkt_multipliers(w, xt, tgt, form)
                 seed_result.multipliers[net], seed_result.residuals[net] = lam, residual
