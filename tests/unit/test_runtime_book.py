@@ -63,3 +63,24 @@ def test_the_parameters_that_applied_are_labelled():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]})])
     cells = label_parameters(nb, "ci").cells
     assert cells[1].source == "**Parameters of this run** (`ci`): the notebook's defaults above, unchanged."
+
+
+def test_a_stale_record_is_listed_and_its_page_says_so(project):
+    import nbformat
+    import pytest
+
+    from imprint.runtime.book import stale_notice, stale_records
+
+    assert stale_records(project) == {}
+    (project / "book").mkdir()
+    (project / "book" / "stale.yml").write_text("99_toy: the sweep grew\n")
+    assert stale_records(project) == {"99_toy": "the sweep grew"}
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("(label)=\n# Toy\nThe question.\n\n## Part"),
+                                         nbformat.v4.new_code_cell("1")],
+                                  metadata={"imprint": {"provenance": {"git": {"sha": "0123456789abcdef"}}}})
+    marked = stale_notice(nb, "the sweep grew").cells[0].source
+    assert marked.startswith("(label)=\n# Toy\n\n:::{note}\nThis page shows the run of record at `0123456789`")
+    assert "(the sweep grew)" in marked and marked.endswith(":::\nThe question.\n\n## Part")
+    (project / "book" / "stale.yml").write_text("- 99_toy\n")
+    with pytest.raises(ValueError, match=r"stale.yml: expected a map from a notebook's name"):
+        stale_records(project)

@@ -112,6 +112,37 @@ def environment_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+STALE_FILE = "stale.yml"
+
+
+def stale_records(root: Path | None = None) -> dict[str, str]:
+    """``book/stale.yml``: the records of ``book/notebooks`` whose source's code has changed since they
+    ran, each with what changed. The book of record marks their pages; the staleness test requires that
+    exactly these records differ from their sources."""
+    path = (root or repo_root()) / "book" / STALE_FILE
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{path}: expected a map from a notebook's name to what changed in its source")
+    return data
+
+
+def stale_notice(executed, reason: str):
+    """The executed notebook with a note under its title: its code predates the chapter's source."""
+    git = executed.metadata.get("imprint", {}).get("provenance", {}).get("git", {})
+    sha = (git.get("sha") or "unknown")[:10]
+    note = (f":::{{note}}\nThis page shows the run of record at `{sha}`. The chapter's code has changed since "
+            f"({reason}); this page is replaced when the full profile is rerun.\n:::\n")
+    for cell in executed.cells:
+        if cell.cell_type == "markdown" and re.search(r"^# ", cell.source, flags=re.M):
+            cell.source = re.sub(r"^(# .*\n?)", lambda m: m.group(1).rstrip("\n") + "\n\n" + note, cell.source,
+                                 count=1, flags=re.M)
+            return executed
+    executed.cells.insert(0, nbformat.v4.new_markdown_cell(note))
+    return executed
+
+
 def refresh_prose(executed, source):
     """The executed notebook with its markdown cells taken from the current source, when the code is
     unchanged: prose can be edited after a long GPU run without rerunning it. Otherwise unchanged."""
@@ -239,14 +270,17 @@ def stage(profile: str, root: Path | None = None, folder: str | None = None) -> 
     src = root / "_build" / "book" / (folder or profile) / "src"
     if src.exists():
         shutil.rmtree(src)
-    shutil.copytree(root / "book", src, ignore=shutil.ignore_patterns("notebooks", "metrics", "_build"))
+    shutil.copytree(root / "book", src, ignore=shutil.ignore_patterns("notebooks", "metrics", "_build", STALE_FILE))
     (src / "notebooks").mkdir()
     sources = set(all_notebooks(root))
     executed = executed_dir(profile, root)
+    stale = stale_records(root)
     for name in sorted(sources):
         nb_path = executed / f"{name}.ipynb"
         if nb_path.is_file():
             nb = refresh_prose(nbformat.read(nb_path, as_version=4), read_notebook(root / "notebooks" / f"{name}.md"))
+            if profile == RECORD and name in stale:
+                nb = stale_notice(nb, stale[name])
             nbformat.write(label_parameters(clean_outputs(nb), profile), src / "notebooks" / f"{name}.ipynb")
         else:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
