@@ -236,7 +236,7 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
                        device: str = "cpu", checkpoint_dir: str | Path | None = None, seed: int = 0,
                        lora=None, *, max_length: int = 256, weight_decay: float = 0.0,
                        warmup_steps: int = 0, max_grad_norm: float | None = 1.0, checkpoint_every: int = 50,
-                       progress: bool = True) -> FinetuneResult:
+                       progress: bool = True, prompt_tokens: Sequence[int] | None = None) -> FinetuneResult:
     """Next-token fine-tuning of ``model`` on ``texts`` for ``steps`` AdamW steps, in place.
 
     Each step reads ``batch_size`` documents from seeded per-epoch permutations (the batch of a step
@@ -246,6 +246,12 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
     Without ``lora`` every parameter is trained (the anchor's full fine-tuning); with a
     ``peft.LoraConfig`` the model is wrapped by ``peft.get_peft_model`` and only what the config trains
     is (new token rows need ``trainable_token_indices`` or ``modules_to_save`` in the config to learn).
+
+    ``prompt_tokens`` (one integer per text) makes the loss answer-only, as in supervised fine-tuning on
+    instruction/answer pairs: the first ``prompt_tokens[i]`` tokens of text i (as this call tokenises it)
+    are context, their labels -100, and the loss is the mean cross-entropy over the remaining non-pad
+    tokens of the batch. Each count must leave at least one token to predict within ``max_length``.
+    None: every token is predicted (the default).
 
     With ``checkpoint_dir`` the trainable weights, AdamW's state, the RNG state and the losses are saved
     as safetensors every ``checkpoint_every`` steps and at the end; a call with the same model, data and
@@ -281,6 +287,16 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
     short = [i for i, e in enumerate(encoded) if len(e) < 2]
     if short:
         raise ValueError(f"texts[{short[0]}] encodes to fewer than 2 tokens: expected a document to predict")
+    if prompt_tokens is not None:
+        if isinstance(prompt_tokens, (str, bytes)) or len(prompt_tokens) != len(texts):
+            raise ValueError(f"prompt_tokens has {len(prompt_tokens)} entries: expected one per text "
+                             f"({len(texts)})")
+        prompt_tokens = [require_int(f"prompt_tokens[{i}]", p, minimum=1) for i, p in enumerate(prompt_tokens)]
+        for i, (p, e) in enumerate(zip(prompt_tokens, encoded)):
+            if p >= len(e):
+                raise ValueError(f"prompt_tokens[{i}]={p}: text {i} has {len(e)} tokens within "
+                                 f"max_length={max_length}, expected fewer prompt tokens so that an answer "
+                                 "token is left to predict")
 
     if lora is not None:
         from peft import get_peft_model
@@ -299,6 +315,8 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
            "max_grad_norm": max_grad_norm, "lora": None if lora is None else repr(lora.to_dict()),
            "trainable": hashlib.sha256(json.dumps([[n, list(p.shape)] for n, p in named]).encode()).hexdigest(),
            "vocabulary": len(tokenizer)}
+    if prompt_tokens is not None:  # only then, so that checkpoints of whole-text runs keep resuming
+        run["prompt_tokens"] = hashlib.sha256(json.dumps(prompt_tokens).encode()).hexdigest()
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state = ckpt.latest(max_unit=steps) if ckpt else None
     losses: list[float] = []
@@ -333,10 +351,13 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-            ids, mask = pad_rows([encoded[i] for i in _batch_indices(len(encoded), step, batch_size, seed)],
-                             tokenizer.pad_token_id)
-            ids, mask = ids.to(dev), mask.to(dev)
+            batch = _batch_indices(len(encoded), step, batch_size, seed)
+            ids, mask = pad_rows([encoded[i] for i in batch], tokenizer.pad_token_id)
             labels = ids.masked_fill(mask == 0, -100)
+            if prompt_tokens is not None:
+                for row, i in enumerate(batch):
+                    labels[row, :prompt_tokens[i]] = -100
+            ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
