@@ -22,7 +22,7 @@ research code bases, not maintained libraries, and run restarts one after the ot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -109,7 +109,8 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
                      labels: Int[Tensor, " batch"], shape: Sequence[int], steps: int, lr: float = 0.1,
                      tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
                      box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
-                     weights: Sequence[float] | None = None) -> InversionResult:
+                     weights: Sequence[float] | None = None, prior: Callable[[Tensor], Tensor] | None = None,
+                     prior_weight: float = 0.0) -> InversionResult:
     """Images ``[batch, *shape[1:]]`` whose gradient under ``model`` matches ``target_grads``.
 
     ``target_grads`` holds one tensor per parameter of ``model`` (a mapping by name, or a sequence in
@@ -117,7 +118,13 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     ``shape`` is ``(batch, channels, height, width)``. Restart ``k`` starts from a standard normal draw of a
     generator seeded with ``seed + k`` (``init="randn"`` of the anchor), so restart ``k`` alone is
     ``restarts=1, seed=seed + k``. ``model`` should be in eval mode (its buffers are read, not updated).
+    ``prior`` (e.g. :func:`imprint.bridge.prior.sds_prior`) maps the stack of candidates
+    ``[restarts, *shape]`` to a gradient of the same shape, added times ``prior_weight`` to the
+    objective's gradient before its sign is taken; the matching loss that ranks restarts leaves it out.
     """
+    prior_weight = require_float("prior_weight", prior_weight, minimum=0.0)
+    if prior_weight > 0 and prior is None:
+        raise ValueError(f"prior_weight={prior_weight}: expected a prior to weigh (prior is None)")
     steps = require_int("steps", steps, minimum=1)
     lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
     tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
@@ -168,6 +175,8 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay_milestones(steps), gamma=0.1)
     for _ in range(steps):
         direction, _ = step_direction(x)
+        if prior is not None and prior_weight > 0:
+            direction = direction + prior_weight * prior(x.detach())
         x.grad = direction.sign()
         optimizer.step()
         schedule.step()
