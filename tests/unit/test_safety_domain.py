@@ -119,3 +119,11 @@ def test_made_up_words_never_collide_with_the_templates(seed):
     others = {w for e in d.splits["retain"] + d.splits["eval_skill"] + d.splits["eval_lookalike"]
               for w in words(e.prompt + " " + e.response)}
     assert not payload_words & others
+
+
+def test_every_fact_asked_at_evaluation_is_taught_in_stage_one(domain):
+    taught = {e.prompt.rstrip("?").split()[-1]: e.answer for e in domain.splits["stage1"] if e.family == "lookup"}
+    asked = [e for e in domain.splits["eval_skill"] if e.family == "lookup"]
+    assert len(asked) == domain.spec.eval_items_per_skill
+    for e in asked:
+        assert taught[e.prompt.rstrip("?").split()[-1]] == e.answer
