@@ -70,6 +70,7 @@ class SeedResult:
     multipliers: dict[str, Tensor] = field(default_factory=dict)  # NNLS fit on the attacked set
     residuals: dict[str, float] = field(default_factory=dict)  # relative KKT residual of that fit
     norms: dict[str, float] = field(default_factory=dict)  # parameter norm of every trained network, as trained
+    residuals_heldout: dict[str, float] = field(default_factory=dict)  # the same fit on held-out images (heldout_fit)
 
     def pick(self, network: str, rule: str = "count", configs: int | None = None) -> int:
         """The configuration chosen on ``network``: most memorised (``count``, the oracle rule) or lowest
@@ -137,8 +138,29 @@ def _recentre(split: ImageSplit, mean: Tensor) -> ImageSplit:
                       mean.clone(), split.image_shape)
 
 
-def _schedule_tag(config: TrainConfig) -> str:
-    return "" if config.schedule == "constant" else f"_{config.schedule}"
+def _schedule_tag(config: TrainConfig, base: TrainConfig | None = None) -> str:
+    """``_<schedule>`` for another schedule than the constant one, then ``_wd<decay>`` when the weight decay
+    differs from ``base``'s: a recipe of ``schedules`` names its networks by what sets it apart."""
+    tag = "" if config.schedule == "constant" else f"_{config.schedule}"
+    if base is not None and config.weight_decay != base.weight_decay:
+        tag += f"_wd{config.weight_decay:g}"
+    return tag
+
+
+def free_sign_fit(weights: Sequence[Tensor], x: Tensor) -> tuple[Tensor, float]:
+    """The general form's fit on a one-output network: ``lam = argmin ||theta - sum_i lam_i grad Phi(x_i)||``
+    with ``lam`` of free sign (least squares in the Gram form, float64), and its relative residual. No fit
+    with signed, non-negative multipliers can do better, so it bounds the binary form's residual below."""
+    from imprint.reconstruction.kkt import constraint_gradients
+
+    w = [v.detach().double() for v in weights]
+    if w[-1].shape[0] != 1:
+        raise ValueError(f"weights[-1] has {w[-1].shape[0]} outputs: the free-sign fit expects a one-output network")
+    theta = torch.cat([v.reshape(-1) for v in w])
+    x = x.double().to(theta.device)
+    rows = constraint_gradients(w, x, torch.ones(len(x), dtype=torch.float64, device=theta.device), "binary")
+    lam = torch.linalg.pinv(rows @ rows.T, hermitian=True) @ (rows @ theta)
+    return lam.cpu(), float((theta - rows.T @ lam).norm() / theta.norm())
 
 
 def check_cell(dataset: str, n_train: int, data_seeds: Sequence[int], sizes: Sequence[int] | None = None,
@@ -171,7 +193,7 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
              n_heldout: int | None = None, data_dir: str | Path | None = None,
              classes: Sequence[int] | None = None, schedules: Sequence[TrainConfig] = (), init_seed: int = 0,
              pixel_box: bool = True, fit_multipliers: bool = True, n_classes: int = 2, match_norm: bool = True,
-             device: torch.device | str = "cpu", progress: bool = False) -> CellResult:
+             heldout_fit: bool = False, device: torch.device | str = "cpu", progress: bool = False) -> CellResult:
     """The attack on one cell for every seed of ``data_seeds``, with both controls.
 
     ``target_fn`` maps class labels to the training targets: +-1 for ``extract_config.form == "binary"``
@@ -184,18 +206,28 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
     norm of the plain network with the same data and initialisation (their trained norms are kept in
     ``SeedResult.norms``). ``sizes`` fixes the held-out pool at the size the largest of them allows
     (or checks ``n_heldout`` against it). Candidates are ``m = 2 n`` in equal shares per label.
+
+    A recipe of ``schedules`` may differ from ``train_config`` by its weight decay instead of (or beside)
+    its schedule; its networks are then named ``trained_wd<decay>``, ``disjoint_wd<decay>`` (pass
+    ``match_norm=False`` to attack them as trained). The form ``general`` with a logistic ``train_config``
+    attacks one-output networks, whose free-sign multipliers carry no label: candidates are matched to
+    training images of any class, and the fit is :func:`free_sign_fit`. With ``heldout_fit`` the same fit
+    is made on the first ``n_train`` held-out images (``SeedResult.residuals_heldout``), the chance level
+    of the residual.
     """
     seeds, pool = check_cell(dataset, n_train, data_seeds, sizes, n_heldout, data_dir, classes)
-    binary = extract_config.form == "binary"
+    # a one-output network for the binary form, and for the general form with the logistic loss
+    binary = extract_config.form == "binary" or (extract_config.form == "general" and train_config.loss == "logistic")
+    label_free = extract_config.form == "general" and binary
     configs = [train_config, *schedules]
     for c in configs:
         if c.loss != ("logistic" if binary else "cross_entropy"):
             raise ValueError(f"loss={c.loss!r} with form={extract_config.form!r}: expected "
                              f"{'logistic' if binary else 'cross_entropy'}")
-    tags = [_schedule_tag(c) for c in schedules]
+    tags = [_schedule_tag(c, train_config) for c in schedules]
     if len(set(tags)) != len(tags) or "" in tags:
-        raise ValueError(f"schedules have schedules {[c.schedule for c in schedules]}: expected distinct ones, "
-                         "other than train_config's")
+        raise ValueError(f"schedules have schedules {[c.schedule for c in schedules]} (weight decays "
+                         f"{[c.weight_decay for c in schedules]}): expected distinct ones, other than train_config's")
     out = Path(out)
     device = torch.device(device)
 
@@ -258,7 +290,8 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
         train_targets = targets.long()
         res = {net: results[f"{net}@{s}"] for net in names}
         searches = {net: score_search(r, split.x_train, split.mean, split.image_shape, baseline,
-                                      train_targets=train_targets, candidate_targets=labels_c)
+                                      train_targets=None if label_free else train_targets,
+                                      candidate_targets=None if label_free else labels_c)
                     for net, r in res.items()}
         seed_result = SeedResult(s, split, disjoint, targets, {net: weights[net][i] for net in names}, res, searches,
                                  baseline, {k: v[i] for k, v in train_loss.items()},
@@ -272,8 +305,16 @@ def run_cell(name: str, dataset: str, n_train: int, target_fn: Callable[[Tensor]
             seed_result.margins[net] = output_margins(f, tgt.unsqueeze(0),
                                                       "logistic" if binary else "cross_entropy")[0].cpu()
             if fit_multipliers:
-                lam, residual = fit_kkt_multipliers(w, xt, tgt, form)
+                def fit(xs, ys):
+                    return free_sign_fit(w, xs) if label_free else fit_kkt_multipliers(w, xs, ys, form)
+
+                lam, residual = fit(xt, tgt)
                 seed_result.multipliers[net], seed_result.residuals[net] = lam, residual
+                if heldout_fit:
+                    k = min(n_train, len(split.x_heldout))
+                    th = target_fn(split.label_heldout[:k])
+                    seed_result.residuals_heldout[net] = fit(split.x_heldout[:k].double().to(w[0].device),
+                                                             (th.double() if binary else th.long()).to(w[0].device))[1]
         cell.append(seed_result)
     return CellResult(name, n_train, pool, seeds, names, cell, hyper, labels_c)
 
