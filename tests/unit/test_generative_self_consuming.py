@@ -127,9 +127,10 @@ def test_regimes_train_on_what_the_paper_prescribes(tmp_path, monkeypatch):
     assert torch.equal(by_chain[0], synth0[records[0].member_index(0, 0)])
     # augmentation: generation 0's real set plus the samples
     assert torch.equal(by_chain[1][:6], g0[0]) and torch.equal(by_chain[1][6:], synth0[records[0].member_index(1, 0)])
-    # fresh data: a new real draw plus the samples
+    # fresh data: a new real draw, disjoint from generation 0's, plus the samples
     assert all(tuple(r.flatten().tolist()) in pool_rows for r in by_chain[2][:6])
-    assert not torch.equal(by_chain[2][:6], g0[0])
+    g0_rows = {tuple(r.flatten().tolist()) for r in g0[0]}
+    assert not any(tuple(r.flatten().tolist()) in g0_rows for r in by_chain[2][:6])
     # generation 0 is shared: chains with one guidance weight drew identical samples from one model
     assert torch.equal(synth0[records[0].member_index(0, 0)], synth0[records[0].member_index(1, 0)])
     assert not torch.equal(synth0[records[0].member_index(0, 0)], synth0[records[0].member_index(3, 0)])
@@ -188,3 +189,55 @@ def test_first_departure_uses_the_generation_zero_band():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first_departure(values[:1], 3.0, 0.1)
+
+
+def test_disjoint_draws_never_repeat_and_start_with_the_balanced_draw():
+    labels = torch.arange(60) % 3
+    draws = sc.disjoint_real_draws(labels, 6, 9, 5, 3, seed=4)
+    assert torch.equal(draws[0], balanced_draw(labels, 6, 3, seed=4))
+    flat = torch.cat(draws)
+    assert flat.unique().numel() == flat.numel() == 6 + 4 * 9
+    assert all(torch.bincount(labels[d], minlength=3).tolist() == [3, 3, 3] for d in draws[1:])
+    with pytest.raises(ValueError, match="n_fresh=9 .* class 0, but the pool has 20"):
+        sc.disjoint_real_draws(labels, 6, 9, 8, 3, seed=4)
+
+
+def test_real_shares_set_the_composition_of_later_generations(tmp_path, monkeypatch):
+    x, y = pool()
+    seen = []
+    real = sc.train_ddpm_ensemble
+
+    def spy(datasets, seeds, config, opts, device, init=None, vectorize=None, cuda_graph=None, **checkpointing):
+        seen.append(datasets)
+        return real(datasets, seeds, config, opts, device, init=init, vectorize=vectorize, **checkpointing)
+
+    monkeypatch.setattr(sc, "train_ddpm_ensemble", spy)
+    chains = (Chain("fresh_data", 0.5, 3, real_share=0.5), Chain("synthetic_augmentation", 0.5, 2, real_share=0.75))
+    opts = options(chains=chains, seeds=(0,), n_real=6, n_fresh=4, n_synth=8)
+    assert opts.synthetic_count(chains[0]) == 4 and opts.synthetic_count(chains[1]) == 2
+    records = run_self_consuming_loop(x, y, CFG, opts, tmp_path, progress=False)
+    g1 = {ci: seen[1][i] for i, (ci, _) in enumerate(records[1].members)}
+    fx, fy = g1[0]
+    assert fx.shape[0] == 8 and torch.bincount(fy[4:], minlength=2).tolist() == [2, 2]
+    ax_, _ = g1[1]
+    assert ax_.shape[0] == 8 and torch.equal(ax_[:6], seen[0][0][0])
+    # every real image of the fresh chain is new: generation 0's six, then four and four more
+    rows = [tuple(r.flatten().tolist()) for r in torch.cat([seen[0][0][0], fx[:4], seen[2][0][0][:4]])]
+    assert len(set(rows)) == 14
+
+
+def test_bad_shares_and_small_pools_are_refused_naming_the_parameter():
+    with pytest.raises(ValueError, match="real_share=1.5"):
+        Chain("fresh_data", 0.5, 3, real_share=1.5)
+    with pytest.raises(ValueError, match="real_share=-0.1"):
+        Chain("synthetic_augmentation", 0.5, 3, real_share=-0.1)
+    with pytest.raises(ValueError, match="fully synthetic"):
+        Chain("fully_synthetic", 0.5, 3, real_share=0.5)
+    with pytest.raises(ValueError, match="n_synth=8"):
+        options(chains=(Chain("fresh_data", 0.5, 2, real_share=0.25),), n_fresh=6)
+    x, y = pool()  # 20 images per class: 3 + 4 * 5 > 20
+    calls = []
+    with pytest.raises(ValueError, match="n_fresh=10"):
+        run_self_consuming_loop(x, y, CFG, options(chains=(Chain("fresh_data", 0.5, 5),), n_fresh=10),
+                                "/nonexistent/never-written", evaluate=mean_evaluate(calls), progress=False)
+    assert calls == []

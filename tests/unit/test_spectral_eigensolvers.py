@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from imprint.spectral.eigensolvers import (block_lanczos_eigsh, hutchinson_trace, lanczos_eigsh, lanczos_svd,
+                                           negative_mass,
                                            participation_ratio, spectral_entropy, spectrum_statistics,
                                            symmetric_eigenvalues)
 
@@ -121,6 +122,19 @@ def test_spectrum_statistics_of_a_known_jacobian():
     assert stats["top_singular_value"] == pytest.approx(float(torch.linalg.svdvals(j)[0]))
     assert stats["asymmetry"] == pytest.approx(float(torch.linalg.norm(j - j.T) / torch.linalg.norm(j)))
     assert stats["effective_rank"] == pytest.approx(math.exp(stats["spectral_entropy"]))
+    assert stats["negative_mass"] == pytest.approx(0.0, abs=1e-12)  # 0.9, 0.5, 0.1 and 0 with a small coupling
+
+
+def test_negative_mass_and_the_trace_of_an_asymmetric_jacobian_against_numpy():
+    rng = np.random.default_rng(3)
+    j = rng.standard_normal((12, 12))
+    stats = spectrum_statistics(torch.tensor(j))
+    eig = np.linalg.eigvalsh((j + j.T) / 2)
+    assert stats["negative_mass"] == pytest.approx(-eig[eig < 0].sum() / np.abs(eig).sum(), rel=1e-12)
+    # the trace ignores the antisymmetric part: it is the divergence of the map, sum_i dD_i / dy_i
+    assert stats["trace"] == pytest.approx(np.trace(j), rel=1e-12, abs=1e-12)
+    assert negative_mass(torch.zeros(3)) == 0.0
+    assert negative_mass(torch.tensor([1.0, -3.0])) == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("block_size,which", [(1, "largest"), (4, "largest"), (8, "magnitude"), (5, "smallest")])

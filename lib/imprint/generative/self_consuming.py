@@ -3,8 +3,11 @@
 Used by the self-consuming diffusion chapter (04). Following Alemohammad et al. (2024), generation 0 is
 trained on real images; generation g >= 1 is trained on the samples of generation g - 1 and, depending on
 the regime, on real images too: ``fully_synthetic`` (synthetic samples only), ``synthetic_augmentation``
-(the fixed real set of generation 0 plus the synthetic samples) or ``fresh_data`` (a new draw of real images
-from the pool plus the synthetic samples). Guidance weight w is the sampling-bias knob. A *chain* is one
+(the fixed real set of generation 0 plus the synthetic samples) or ``fresh_data`` (real images never seen by
+any earlier generation plus the synthetic samples: the pool is cut into disjoint per-generation draws).
+A chain may fix its *real share*, the fraction of real images in every later generation's training set;
+its synthetic images are then a balanced subset of the previous generation's samples of the matching size.
+Guidance weight w is the sampling-bias knob. A *chain* is one
 regime at one guidance weight for some number of generations; every chain runs for every seed, and all
 (chain, seed) members of a generation are trained and sampled together as one ensemble. Chains of one seed
 share the generation-0 model (its training does not depend on the regime). After each generation a record
@@ -42,7 +45,7 @@ from imprint.runtime.checks import require_choice, require_float, require_int
 REGIMES = ("fully_synthetic", "synthetic_augmentation", "fresh_data")
 
 # stage codes of derive_seed: one independent random stream per (seed, generation, stage)
-_REAL_DRAW, _TRAIN, _SAMPLE = 3, 5, 7
+_REAL_DRAW, _TRAIN, _SAMPLE, _SYNTH_DRAW = 3, 5, 7, 11
 # the in-flight training of generation g checkpoints into <folder>/training/generation-<g>
 _TRAINING = re.compile(r"^generation-(\d{4,})$")
 
@@ -63,31 +66,50 @@ def _discard_training_states(folder: Path, keep: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def check_real_share(share, name: str = "real_share") -> float:
+    """A share of real images in a training set: a number in (0, 1] (0 would be the fully synthetic loop)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not (0.0 < float(share) <= 1.0):
+        raise ValueError(f"{name}={share!r}: expected a share of real images in (0, 1] "
+                         f"(the fully synthetic regime is the share 0)")
+    return float(share)
+
+
 @dataclass(frozen=True)
 class Chain:
-    """One regime at one guidance weight, for ``n_generations`` generations (generation 0 included)."""
+    """One regime at one guidance weight, for ``n_generations`` generations (generation 0 included).
+
+    ``real_share`` (augmentation and fresh data only): the fraction of real images in the training set of
+    every generation g >= 1; None keeps every one of the previous generation's samples.
+    """
 
     regime: str
     guidance_weight: float
     n_generations: int
+    real_share: float | None = None
 
     def __post_init__(self):
         require_choice("regime", self.regime, REGIMES)
         check_guidance_weight(self.guidance_weight)
         require_int("n_generations", self.n_generations, minimum=1)
         object.__setattr__(self, "guidance_weight", float(self.guidance_weight))
+        if self.real_share is not None:
+            if self.regime == "fully_synthetic":
+                raise ValueError(f"real_share={self.real_share!r} given to a fully synthetic chain: expected None")
+            object.__setattr__(self, "real_share", check_real_share(self.real_share))
 
     @property
     def name(self) -> str:
-        return f"{self.regime}/w={self.guidance_weight:g}"
+        base = f"{self.regime}/w={self.guidance_weight:g}"
+        return base if self.real_share is None else f"{base}/real={self.real_share:g}"
 
 
 @dataclass(frozen=True)
 class LoopOptions:
     """Sizes and training of the loop.
 
-    ``n_real``: real images in generation 0's training set, in the augmentation regime's fixed real set and
-    in each fresh draw (balanced over classes); ``n_synth``: samples generated per generation (balanced
+    ``n_real``: real images in generation 0's training set and in the augmentation regime's fixed real set;
+    ``n_fresh``: real images of each later generation of a fresh-data chain (None: ``n_real``), disjoint from
+    every earlier generation's (balanced over classes); ``n_synth``: samples generated per generation (balanced
     labels, used as conditioning labels when the next generation trains on them). ``first_train`` trains
     generation 0, ``next_train`` the later ones; ``warm_start`` starts generation g from generation g - 1's
     weights instead of a fresh initialisation. ``keep_weights``: how many generations of weights to keep on
@@ -103,6 +125,7 @@ class LoopOptions:
     warm_start: bool = False
     n_sampling_steps: int | None = None
     keep_weights: int | None = 2
+    n_fresh: int | None = None
 
     def __post_init__(self):
         if len(self.chains) < 1:
@@ -122,12 +145,38 @@ class LoopOptions:
             require_int("n_sampling_steps", self.n_sampling_steps, minimum=1)
         if self.keep_weights is not None:
             require_int("keep_weights", self.keep_weights, minimum=1)
+        if self.n_fresh is not None:
+            require_int("n_fresh", self.n_fresh, minimum=1)
+        for c in self.chains:
+            if c.real_share is not None and self.synthetic_count(c) > self.n_synth:
+                raise ValueError(f"real_share={c.real_share:g} of chain {c.name} asks for {self.synthetic_count(c)} "
+                                 f"synthetic images beside {self.real_count(c)} real ones, but each generation draws "
+                                 f"n_synth={self.n_synth}: raise n_synth or the real share")
         object.__setattr__(self, "chains", tuple(self.chains))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
 
     @property
     def n_generations(self) -> int:
         return max(c.n_generations for c in self.chains)
+
+    @property
+    def fresh_count(self) -> int:
+        return self.n_real if self.n_fresh is None else self.n_fresh
+
+    @property
+    def n_fresh_generations(self) -> int:
+        """Generations of the longest fresh-data chain (0: none), i.e. how many disjoint real draws it needs."""
+        return max([c.n_generations for c in self.chains if c.regime == "fresh_data"], default=0)
+
+    def real_count(self, chain: Chain) -> int:
+        """Real images in the training set of a generation g >= 1 of ``chain``."""
+        return {"fully_synthetic": 0, "synthetic_augmentation": self.n_real, "fresh_data": self.fresh_count}[chain.regime]
+
+    def synthetic_count(self, chain: Chain) -> int:
+        """Synthetic images in the training set of a generation g >= 1 of ``chain``."""
+        if chain.real_share is None:
+            return self.n_synth
+        return int(round(self.real_count(chain) * (1.0 - chain.real_share) / chain.real_share))
 
     def members(self, generation: int) -> list[tuple[int, int]]:
         """(chain index, seed) of every member alive at ``generation``."""
@@ -171,6 +220,52 @@ def balanced_draw(labels: Int[Tensor, " n"], n: int, n_classes: int, seed: int, 
             raise ValueError(f"{what}={n} asks for {k} images of class {c}, but the pool has {len(pool)}")
         chosen.append(rng.permutation(pool)[:k])
     return torch.as_tensor(np.sort(np.concatenate(chosen)), dtype=torch.long)
+
+
+def disjoint_real_draws(labels: Int[Tensor, " n"], n_first: int, n_next: int, n_generations: int, n_classes: int,
+                        seed: int, what: str = "n_fresh") -> list[Int[Tensor, " k"]]:
+    """Balanced draws of real images that never repeat: ``n_first`` for generation 0, ``n_next`` for each of
+    generations 1 .. n_generations - 1, pairwise disjoint.
+
+    Each class's pool is permuted once (the same permutations as :func:`balanced_draw`, so generation 0's draw
+    equals ``balanced_draw(labels, n_first, n_classes, seed)``) and cut into consecutive blocks. A pool too
+    small for every draw is refused, naming ``what``, before anything is drawn.
+    """
+    require_int("n_first", n_first, minimum=1)
+    require_int(what, n_next, minimum=1)
+    require_int("n_generations", n_generations, minimum=1)
+    lab = labels.cpu().numpy()
+
+    def per_class(n: int, c: int) -> int:
+        return n // n_classes + (1 if c < n % n_classes else 0)
+
+    for c in range(n_classes):
+        need = per_class(n_first, c) + (n_generations - 1) * per_class(n_next, c)
+        have = int((lab == c).sum())
+        if need > have:
+            raise ValueError(f"{what}={n_next} real images in each of {n_generations - 1} generations after the "
+                             f"{n_first} of generation 0, all disjoint, need {need} images of class {c}, but the pool "
+                             f"has {have}: lower {what}, shorten the fresh-data chain or enlarge the pool")
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(np.flatnonzero(lab == c)) for c in range(n_classes)]
+    draws = []
+    for g in range(n_generations):
+        chosen = []
+        for c in range(n_classes):
+            start = per_class(n_first, c) + (g - 1) * per_class(n_next, c) if g else 0
+            stop = start + (per_class(n_next, c) if g else per_class(n_first, c))
+            chosen.append(orders[c][start:stop])
+        draws.append(torch.as_tensor(np.sort(np.concatenate(chosen)), dtype=torch.long))
+    return draws
+
+
+def check_real_draws(pool_labels: Int[Tensor, " n"], options: LoopOptions, n_classes: int) -> None:
+    """Refuse, before any compute, real draws the pool cannot supply: generation 0's ``n_real`` and the
+    disjoint ``n_fresh`` of every later generation of the longest fresh-data chain."""
+    balanced_draw(pool_labels, options.n_real, n_classes, 0)
+    if options.n_fresh_generations > 1:
+        disjoint_real_draws(pool_labels, options.n_real, options.fresh_count, options.n_fresh_generations,
+                            n_classes, 0)
 
 
 def _fingerprint(config: DDPMConfig, options: LoopOptions, pool_x: Tensor, pool_labels: Tensor) -> dict:
@@ -235,7 +330,7 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
                          f"expected [n, *{config.image_shape}] and [n]")
     if int(pool_labels.min()) < 0 or int(pool_labels.max()) >= config.n_classes:
         raise ValueError(f"pool_labels must lie in [0, {config.n_classes - 1}]")
-    balanced_draw(pool_labels, options.n_real, config.n_classes, 0)  # the real draws must be possible
+    check_real_draws(pool_labels, options, config.n_classes)  # the real draws must be possible
     folder = Path(folder)
     device = torch.device(device)
     gens_ckpt = Checkpointer(folder / "generations", keep=None)
@@ -261,8 +356,13 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
     labels = balanced_labels(options.n_synth, n_classes)
     seed_pos = {s: i for i, s in enumerate(options.seeds)}
 
+    n_draws = max(1, options.n_fresh_generations)
+    draws = {s: disjoint_real_draws(pool_labels, options.n_real, options.fresh_count, n_draws, n_classes,
+                                    derive_seed(s, 0, _REAL_DRAW)) for s in options.seeds}
+
     def real_set(seed: int, generation: int) -> tuple[Tensor, Tensor]:
-        idx = balanced_draw(pool_labels, options.n_real, n_classes, derive_seed(seed, generation, _REAL_DRAW))
+        """Generation 0's real set (also the augmentation regime's) or generation g's fresh, disjoint draw."""
+        idx = draws[seed][generation]
         return pool_x[idx], pool_labels[idx].long()
 
     previous_weights: DDPMEnsemble | None = None
@@ -292,8 +392,13 @@ def run_self_consuming_loop(pool_x: Float[Tensor, "n c h w"], pool_labels: Int[T
             datasets = []
             for ci, s in members:
                 synth = prev.samples[prev.member_index(ci, s)].float()
-                regime = options.chains[ci].regime
+                chain = options.chains[ci]
+                regime = chain.regime
                 x, y = synth, prev.labels.long()
+                if chain.real_share is not None:
+                    keep = balanced_draw(prev.labels, options.synthetic_count(chain), n_classes,
+                                         derive_seed(s, g, _SYNTH_DRAW, ci), "synthetic images")
+                    x, y = synth[keep], prev.labels[keep].long()
                 if regime == "synthetic_augmentation":
                     rx, ry = real_set(s, 0)
                     x, y = torch.cat([rx, x]), torch.cat([ry, y])
@@ -371,12 +476,24 @@ class Detection:
                 "std_first_flagged": float(np.std(flagged, ddof=1)) if len(flagged) > 1 else None}
 
 
-def first_departure(values: Float[np.ndarray, "s g"], band_sigmas: float, band_min_relative: float) -> Detection:
+def band_floor(centre: float, band_min_relative: float, bounds: tuple[float, float] | None = None) -> float:
+    """The smallest half-width of a generation-0 band: ``band_min_relative`` times |centre|, or, for a signal
+    confined to ``bounds`` (a share such as precision), times the distance from the centre to the nearer
+    bound, so that a value near its cap still has room to leave the band on the open side."""
+    if bounds is None:
+        return band_min_relative * abs(centre)
+    low, high = bounds
+    return band_min_relative * max(0.0, min(centre - low, high - centre))
+
+
+def first_departure(values: Float[np.ndarray, "s g"], band_sigmas: float, band_min_relative: float,
+                    bounds: tuple[float, float] | None = None) -> Detection:
     """Per seed, the first generation g >= 1 whose value lies outside the generation-0 band.
 
-    The band is mean_s(v[s, 0]) +- max(band_sigmas * sd_s(v[s, 0]), band_min_relative * |mean_s(v[s, 0])|):
-    the spread of generation 0 over seeds, with a floor so that two nearly equal seeds do not make a
-    zero-width band. ``values`` is ``[seeds, generations]`` (NaN for generations a seed did not reach).
+    The band is mean_s(v[s, 0]) +- max(band_sigmas * sd_s(v[s, 0]), floor) with floor
+    ``band_floor(mean_s(v[s, 0]), band_min_relative, bounds)``: the spread of generation 0 over seeds, with a
+    floor so that two nearly equal seeds do not make a zero-width band. ``values`` is ``[seeds, generations]``
+    (NaN for generations a seed did not reach).
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or v.shape[1] < 1:
@@ -386,7 +503,7 @@ def first_departure(values: Float[np.ndarray, "s g"], band_sigmas: float, band_m
     g0 = v[:, 0]
     centre = float(np.mean(g0))
     spread = float(np.std(g0, ddof=1)) if len(g0) > 1 else 0.0
-    half = max(band_sigmas * spread, band_min_relative * abs(centre))
+    half = max(band_sigmas * spread, band_floor(centre, band_min_relative, bounds))
     low, high = centre - half, centre + half
     first = []
     for row in v:

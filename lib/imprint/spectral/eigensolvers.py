@@ -285,10 +285,23 @@ def participation_ratio(values: Float[Tensor, " n"]) -> float:
     return float(v.sum().square() / denom) if denom > 0 else 0.0
 
 
+def negative_mass(values: Float[Tensor, " n"]) -> float:
+    """sum_i max(-v_i, 0) / sum_i |v_i|: the share of a spectrum's absolute mass on negative eigenvalues
+    (0 for a positive semi-definite matrix, which the Jacobian of an exact MMSE denoiser is)."""
+    v = values.to(torch.float64)
+    total = v.abs().sum()
+    return float((-v).clamp_min(0).sum() / total) if total > 0 else 0.0
+
+
 def spectrum_statistics(jacobian: Float[Tensor, "d d"]) -> dict[str, float]:
     """Scalar summaries of a dense Jacobian J: of the eigenvalues of its symmetric part (top eigenvalue,
-    trace = effective dimension, spectral entropy and effective rank, participation ratio), its top singular
-    value, and its relative asymmetry ||J - J^T||_F / ||J||_F."""
+    trace = effective dimension, spectral entropy and effective rank, participation ratio, negative mass),
+    its top singular value, and its relative asymmetry ||J - J^T||_F / ||J||_F.
+
+    The trace is the one summary that does not depend on J being symmetric: tr J = tr (J + J^T) / 2 is the
+    divergence of the denoiser, which for any weakly differentiable denoiser D of y = x + sigma z equals
+    sum_i Cov(D_i(y), y_i) / sigma^2 (Stein's lemma): the degrees of freedom of Stein's unbiased risk
+    estimate, the MMSE denoiser's effective dimension being the special case."""
     j = jacobian.to(torch.float64)
     eig = symmetric_eigenvalues(j)
     entropy = spectral_entropy(eig)
@@ -300,4 +313,5 @@ def spectrum_statistics(jacobian: Float[Tensor, "d d"]) -> dict[str, float]:
         "participation_ratio": participation_ratio(eig),
         "top_singular_value": float(torch.linalg.matrix_norm(j, ord=2)),
         "asymmetry": float(torch.linalg.matrix_norm(j - j.T) / torch.linalg.matrix_norm(j).clamp_min(1e-300)),
+        "negative_mass": negative_mass(eig),
     }
