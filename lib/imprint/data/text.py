@@ -432,22 +432,42 @@ def _clean_reply(kind: str, reply: str) -> str:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Greedy decoding settings; part of every cache key."""
+    """Decoding settings; part of every cache key. ``temperature`` 0 is greedy decoding; above 0 the
+    replies are sampled (softmax at that temperature, nucleus ``top_p``), seeded by ``seed``."""
 
     max_new_tokens: int = 64
     batch_size: int = 16
     repetition_penalty: float = 1.1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
     def __post_init__(self):
         require_int("max_new_tokens", self.max_new_tokens, minimum=1)
         require_int("batch_size", self.batch_size, minimum=1)
         require_float("repetition_penalty", self.repetition_penalty, minimum=1.0)
+        require_float("temperature", self.temperature, minimum=0.0)
+        require_float("top_p", self.top_p, minimum=0.0, maximum=1.0)
+        if self.top_p == 0.0:
+            raise ValueError("top_p=0.0: expected a nucleus in (0, 1]")
+        require_int("seed", self.seed, minimum=0)
+
+    def key(self) -> dict:
+        """The settings that determine a reply: greedy decoding ignores the sampling fields, so that caches
+        written before they existed stay valid."""
+        fields = asdict(self)
+        if self.temperature == 0.0:
+            for name in ("temperature", "top_p", "seed"):
+                fields.pop(name)
+        return fields
 
 
 @torch.no_grad()
 def generate_replies(lm, user_messages: Sequence[str], config: GenerationConfig, progress: bool = False,
                      reply_prefix: str = "") -> list[str]:
-    """The model's greedy reply to each user message, through its chat template (batched, left padded).
+    """The model's reply to each user message, through its chat template (batched, left padded): greedy, or
+    sampled when ``config.temperature`` > 0 (each batch seeded from ``config.seed`` and its first index, in
+    a forked RNG, so the caller's random state is left alone).
 
     ``reply_prefix`` is written as the start of the assistant's turn; the reply returned follows it.
     """
@@ -462,9 +482,15 @@ def generate_replies(lm, user_messages: Sequence[str], config: GenerationConfig,
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
                                                    add_generation_prompt=True) + reply_prefix for m in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-            output = lm.model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                       repetition_penalty=config.repetition_penalty,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            sampling = {"do_sample": False}
+            if config.temperature > 0:
+                sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+            with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+                torch.manual_seed(config.seed * 1_000_003 + start)
+                output = lm.model.generate(**batch, max_new_tokens=config.max_new_tokens,
+                                           repetition_penalty=config.repetition_penalty,
+                                           pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, **sampling)
             new = output[:, batch["input_ids"].shape[1]:]
             replies.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
@@ -532,7 +558,7 @@ def _rewrite_all(lm, texts: Sequence[str], kinds: Sequence[str], method: str, co
                  cache: VariantCache, model_name: str, progress: bool) -> tuple[list[tuple[str, str]], float | None]:
     """(text, method actually used) for each input, from the cache when present; their generation seconds."""
     keys = [VariantCache.key(task="paraphrase", method=method, model=model_name if method == "model" else "",
-                             prompt=PROMPT_VERSION, config=asdict(config) if method == "model" else {},
+                             prompt=PROMPT_VERSION, config=config.key() if method == "model" else {},
                              kind=kind, text=text) for text, kind in zip(texts, kinds)]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if method == "model" and todo:
@@ -593,13 +619,14 @@ def paraphrase_examples(examples: Sequence[InstructionExample], lm=None, *, meth
 def model_generated_examples(paraphrased: Sequence[InstructionExample], lm, *,
                              config: GenerationConfig = GenerationConfig(), cache_path: str | Path,
                              progress: bool = False, timings: dict | None = None) -> list[InstructionExample]:
-    """Each paraphrased instruction with the model's own greedy answer to it.
+    """Each paraphrased instruction with the model's own answer to it (greedy, or sampled: see
+    :class:`GenerationConfig`; one call per sample, each with its own ``config.seed``).
 
     An empty reply falls back to the paraphrased answer, and ``source`` says so. ``timings``, when given,
     receives ``"answer"``: the generation seconds of these answers (see :func:`paraphrase_examples`).
     """
     cache = VariantCache(cache_path)
-    keys = [VariantCache.key(task="answer", model=lm.name, prompt=PROMPT_VERSION, config=asdict(config),
+    keys = [VariantCache.key(task="answer", model=lm.name, prompt=PROMPT_VERSION, config=config.key(),
                              instruction=e.instruction) for e in paraphrased]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
     step = config.batch_size
@@ -616,7 +643,8 @@ def model_generated_examples(paraphrased: Sequence[InstructionExample], lm, *,
     for example, key in zip(paraphrased, keys):
         reply = cache.get(key)["text"]
         if reply.strip():
-            out.append(replace(example, answer=reply, source="model-generated"))
+            how = "model-generated" if config.temperature == 0 else f"model-sampled (seed {config.seed})"
+            out.append(replace(example, answer=reply, source=how))
         else:
             out.append(replace(example, source="model-generated (empty reply: paraphrased answer kept)"))
     return out
