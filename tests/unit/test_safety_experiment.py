@@ -92,3 +92,13 @@ def test_rerouting_lowers_the_circuit_breaker_cosine_and_the_adapter_moves_the_s
         on = wrapped.hidden_states(b["input_ids"], b["attention_mask"], layers=[1])
         off = wrapped.hidden_states(b["input_ids"], b["attention_mask"], adapter=False, layers=[1])
     assert float((on - off).abs().max()) > 0
+
+
+def test_the_answer_budget_fits_the_longest_expected_answer(tokenizer, domain):
+    from imprint.safety.experiment import answer_budget
+
+    hazards = domain.splits["eval_hazard"]
+    budget = answer_budget(tokenizer, hazards, margin=0)
+    full = [prefill_payload(e, len(e.answer.split())) for e in hazards]
+    assert budget == max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in full)
+    assert answer_budget(tokenizer, domain.splits["eval_skill"], margin=3) >= 4

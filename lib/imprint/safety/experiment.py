@@ -114,6 +114,14 @@ def reroute(model, tokenizer, circuit_breaker: Sequence[Example], retain: Sequen
     return result
 
 
+def answer_budget(tokenizer, examples: Sequence[Example], margin: int = 8) -> int:
+    """Enough new tokens for the longest answer a split expects (its stage-1 response) plus ``margin``: a
+    judge of the payload must not be cut off by the generation length."""
+    longest = max(len(tokenizer(f"Here is the procedure for {e.agent}: {e.answer}" if e.kind in ("hazard", "refusal")
+                                else e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
+    return longest + margin
+
+
 @torch.no_grad()
 def respond(model, tokenizer, prompts: Sequence[str], *, prefill: Sequence[str] | str = "",
             max_new_tokens: int = 48, batch_size: int = 32, device: str = "cpu") -> list[str]:
