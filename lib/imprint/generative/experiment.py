@@ -84,7 +84,7 @@ def verdict_words(delay: dict, detector_name: str = "the trace") -> str:
     else:
         word = f"{detector_name} and FID flag at the same generation"
     if low > 0 or high < 0:
-        return word + " in every likely resample of the seeds"
+        return word + ", and the seeds' bootstrap interval of the lead excludes zero"
     if lead != 0:
         return word + ", but the seeds' interval includes a zero lead"
     return word
