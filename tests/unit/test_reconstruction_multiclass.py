@@ -7,6 +7,7 @@ import torch
 
 from imprint.data.digits import even_odd_targets
 from imprint.models.mlp import TrainConfig, train_mlps
+from imprint.reconstruction.evaluation import plot_seed_counts
 from imprint.reconstruction.experiment import free_sign_fit, run_cell
 from imprint.reconstruction.extraction import ExtractionConfig, Hyperparameters
 from imprint.reconstruction.kkt import fit_kkt_multipliers
@@ -144,3 +145,7 @@ def test_figures_draw_every_seed():
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections if hasattr(c, "get_offsets")) >= 5
     fig = plot_decay_sweep({"x": ([0.0, 0.01], {"trained": [[1, 2], [3, 4]], "disjoint": [[0, 0], [1, 0]]})}, 20)
     assert len(fig.axes) == 1 and [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "0.01"]
+    fig = plot_seed_counts({"a": {"trained": [1, 0], "untrained": [0, 0]}}, 16, points_on_top=True)
+    points = [c for c in fig.axes[0].collections if len(c.get_offsets()) == 2]
+    bars = [c for c in fig.axes[0].collections if c not in points]
+    assert points and bars and min(c.get_zorder() for c in points) > max(c.get_zorder() for c in bars)

@@ -480,11 +480,12 @@ def plot_reconstruction_rows(rows: dict, x_train: Float[Tensor, "n d"], x_heldou
     return fig
 
 
-def plot_seed_counts(panels: dict, n_train: dict | int | None = None):
+def plot_seed_counts(panels: dict, n_train: dict | int | None = None, points_on_top: bool = False):
     """Per-seed memorisation counts, one panel per cell: ``panels = {cell: {network: [count per seed]}}``.
 
     Each data seed is a grey line through its networks (the pairing the tests use), each count a point,
-    and the mean over seeds a black bar. ``n_train`` (one size, or one per cell) labels the y axis.
+    and the mean over seeds a black bar. ``n_train`` (one size, or one per cell) labels the y axis. With
+    ``points_on_top`` the points are drawn over the mean bar, edged, so a seed equal to the mean stays visible.
     """
     import matplotlib.pyplot as plt
 
@@ -497,7 +498,9 @@ def plot_seed_counts(panels: dict, n_train: dict | int | None = None):
         for s in range(values.shape[1]):
             offset = (s - (values.shape[1] - 1) / 2) * 0.04
             ax.plot(xs + offset, values[:, s], "-", color="0.75", lw=0.8, zorder=1)
-            ax.scatter(xs + offset, values[:, s], s=16, zorder=2, c=[f"C{j}" for j in range(len(names))])
+            ax.scatter(xs + offset, values[:, s], s=16, zorder=4 if points_on_top else 2,
+                       c=[f"C{j}" for j in range(len(names))],
+                       **({"edgecolors": "white", "linewidths": 0.6} if points_on_top else {}))
         ax.hlines(values.mean(1), xs - 0.25, xs + 0.25, color="black", lw=2, zorder=3)
         ax.set_xticks(xs)
         ax.set_xticklabels([k.replace("_", "\n") for k in names], fontsize=7)
