@@ -387,15 +387,16 @@ class CellResult:
 
 def run_cell(model: nn.Module, tokenizer, train_examples: Sequence[InstructionExample], train_enc: ChatEncoding,
              variant_encs, options: FinetuneOptions, work: str | Path, spec: Mapping, *,
-             max_length: int, device: str = "cpu", **gradient_kwargs) -> CellResult:
+             max_length: int, device: str = "cpu", keep_checkpoints: bool = True, **gradient_kwargs) -> CellResult:
     """The experiment for one model: fine-tune (``options.mode``; checkpoints under ``work/finetune``),
     measure each training example's loss at the result, and score every variant against every training
     example by per-layer gradient similarity at the result (store under ``work/store``). ``variant_encs``
     is a mapping of encodings, or a function of the trained model that makes them (variants the trained
-    model generates itself)."""
+    model generates itself). ``keep_checkpoints=False`` trains without writing checkpoints (a full
+    fine-tuning checkpoint of SmolLM2 with AdamW's state is 1.6 GB)."""
     digest = finetune_digest(options, spec.get("train", ""), spec.get("model", ""), max_length)
     t0 = time.time()
-    ckpt = Path(work) / "finetune" / f"{options.mode}-{digest}" if options.mode != "none" else None
+    ckpt = Path(work) / "finetune" / f"{options.mode}-{digest}" if options.mode != "none" and keep_checkpoints else None
     trained, step_losses = finetune_on_examples(model, tokenizer, train_examples, options, max_length, ckpt, str(device))
     seconds_finetune = time.time() - t0
     losses = example_losses(trained, train_enc, gradient_kwargs.get("batch_size", 8))
