@@ -102,3 +102,21 @@ def test_the_answer_budget_fits_the_longest_expected_answer(tokenizer, domain):
     full = [prefill_payload(e, len(e.answer.split())) for e in hazards]
     assert budget == max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in full)
     assert answer_budget(tokenizer, domain.splits["eval_skill"], margin=3) >= 4
+
+
+def test_two_turn_and_template_attacks_are_requests_no_training_split_holds(tokenizer, domain):
+    from imprint.safety.experiment import jailbreak_requests, two_turn_request
+
+    e = domain.splits["eval_hazard"][0]
+    turns = two_turn_request(e)
+    text = chat_prompt(tokenizer, turns)
+    assert text.count("<|im_start|>user") == 2 and text.endswith("<|im_start|>assistant\n")
+    assert e.agent in turns[0]["content"] and e.agent not in turns[2]["content"]
+    train_prompts = {x.prompt for name in ("stage1", "stage2", "circuit_breaker", "retain") for x in domain.splits[name]}
+    assert not train_prompts & {t["content"] for t in turns} and not train_prompts & set(jailbreak_requests(e))
+    assert all(e.prompt in r for r in jailbreak_requests(e))
+    model = model_for(tokenizer, seed=4).eval()
+    (answer,) = respond(model, tokenizer, [turns], max_new_tokens=3)
+    assert isinstance(answer, str)
+    with pytest.raises(ValueError, match="expected a request, or messages that end with a user turn"):
+        chat_prompt(tokenizer, turns[:2])
