@@ -159,30 +159,8 @@ def tiny_hops():
     return hops_queries(functions, inputs=range(1, 3)), generate_hops_documents(spec), functions
 
 
-def test_hops_categories_follow_roles_and_families(tiny_hops):
-    queries, docs, functions = tiny_hops
-    codes, names = hops_categories(queries, docs, functions)
-    assert names == HOPS_CATEGORIES and codes.shape == (len(queries), len(docs))
-    base = {f.token: f.base for f in functions}
-    for i, q in enumerate(queries):
-        for j, d in enumerate(docs):
-            if d.role == "distractor":
-                want = "distractor"
-            elif base[d.func] == base[q.func]:
-                want = "constant" if d.role == "constant" else "identity"
-            else:
-                want = "other"
-            assert names[codes[i, j]] == want, (q.func, d.uid)
-    assert {names[c] for c in codes.unique().tolist()} == {"constant", "identity", "distractor", "other"}
-    assert torch.equal(codes <= 1, relevance_mask(queries, docs, functions))
-
-
-def test_hops_categories_mark_the_pair_that_shares_the_answer():
-    spec = hops_spec(n_pairs=3, docs_per_base=4, docs_per_wrapper=2, distractors_per_function=1)
-    spec = HopsSpec(**{**vars(spec), "constants": (5, 5, 7)})
-    functions = spec_functions(spec)
-    queries, docs = hops_queries(functions, inputs=range(1, 3)), generate_hops_documents(spec)
-    codes, names = hops_categories(queries, docs, functions)
+def assert_categories_by_loop(queries, docs, functions, codes, names):
+    """Every (query, document) category against the rule written out, pair by pair."""
     base = {f.token: f.base for f in functions}
     answer = {f.token: f.constant for f in functions}
     for i, q in enumerate(queries):
@@ -196,6 +174,24 @@ def test_hops_categories_mark_the_pair_that_shares_the_answer():
             else:
                 want = "other"
             assert names[codes[i, j]] == want, (q.func, d.uid)
+
+
+def test_hops_categories_follow_roles_and_families(tiny_hops):
+    queries, docs, functions = tiny_hops
+    codes, names = hops_categories(queries, docs, functions)
+    assert names == HOPS_CATEGORIES and codes.shape == (len(queries), len(docs))
+    assert_categories_by_loop(queries, docs, functions, codes, names)
+    assert {names[c] for c in codes.unique().tolist()} == {"constant", "identity", "distractor", "other"}
+    assert torch.equal(codes <= 1, relevance_mask(queries, docs, functions))
+
+
+def test_hops_categories_mark_the_pair_that_shares_the_answer():
+    spec = hops_spec(n_pairs=3, docs_per_base=4, docs_per_wrapper=2, distractors_per_function=1)
+    spec = HopsSpec(**{**vars(spec), "constants": (5, 5, 7)})
+    functions = spec_functions(spec)
+    queries, docs = hops_queries(functions, inputs=range(1, 3)), generate_hops_documents(spec)
+    codes, names = hops_categories(queries, docs, functions)
+    assert_categories_by_loop(queries, docs, functions, codes, names)
     shared = [i for i, q in enumerate(queries) if q.constant == 5]
     assert (codes[shared] == names.index("same answer")).sum(1).min() > 0
     assert torch.equal(codes <= 1, relevance_mask(queries, docs, functions))
