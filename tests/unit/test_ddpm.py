@@ -91,8 +91,13 @@ def test_vmapped_training_equals_looped_training():
     looped, l_loss = train_ddpm_ensemble(data, [3, 4], TINY, opts, vectorize=False)
     vmapped, v_loss = train_ddpm_ensemble(data, [3, 4], TINY, opts, vectorize=True)
     torch.testing.assert_close(v_loss, l_loss, rtol=1e-4, atol=1e-6)
+    # Adam divides by the gradient's running scale, so an entry whose gradient is near zero can move by a
+    # few percent of lr when vmap sums in another order: the largest gap is bounded in units of lr, and
+    # the typical entry must agree to float32 rounding (wrong batches or steps would move every entry).
     for k in looped.params:
-        torch.testing.assert_close(vmapped.params[k], looped.params[k], rtol=1e-4, atol=1e-5)
+        gap = (vmapped.params[k] - looped.params[k]).abs()
+        assert gap.max() <= 0.05 * opts.lr, (k, gap.max())
+        assert gap.median() <= 1e-6, (k, gap.median())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

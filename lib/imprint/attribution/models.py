@@ -340,6 +340,7 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
     from tqdm.auto import tqdm
 
     model.train()
+    pending: list[Tensor] = []
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="fine-tuning", unit="step")
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         if state is not None:
@@ -364,9 +365,12 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            pending.append(loss.detach())  # read back in groups: a read per step would stall the queue
             bar.update(1)
             done = step + 1
+            if done == steps or len(pending) == 64 or (ckpt and done % checkpoint_every == 0):
+                losses.extend(torch.stack(pending).tolist())
+                pending.clear()
             if ckpt and (done == steps or done % checkpoint_every == 0):
                 tensors = {f"param/{n}": p.detach() for n, p in named}
                 for i, s in optimizer.state_dict()["state"].items():
