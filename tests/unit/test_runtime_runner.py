@@ -132,3 +132,18 @@ def test_warnings_and_progress_bars_stay_out_of_the_executed_notebook(project):
     assert [o["name"] for o in streams] == ["stdout"] and "kept: stdout" in streams[0]["text"]
     log = (paths.results / "warnings.log").read_text()
     assert "UserWarning: a warning from /some/machine/path" in log
+
+
+def test_figures_are_embedded_even_when_the_shell_sets_a_non_inline_backend(project, monkeypatch):
+    source = project / "notebooks" / "99_toy.md"
+    source.write_text(source.read_text().replace('if name == "boom":', (
+        'if name == "figure":\n'
+        '    import matplotlib.pyplot as plt\n'
+        '    fig, ax = plt.subplots()\n'
+        '    ax.plot([0, 1])\n'
+        '    display(fig)\n'
+        'if name == "boom":')))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    paths = execute(resolve_run("99_toy", overrides={"name": "figure"}, root=project), root=project, progress=False)
+    nb = nbformat.read(paths.executed, as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))

@@ -129,6 +129,9 @@ def execute(run: ResolvedRun, timeout: float | None = None, log_output: bool = F
     paths.metrics.unlink(missing_ok=True)  # one left by an earlier run must not pass for this one's
 
     env = dict(os.environ, **OFFLINE_ENV, **QUIET_ENV)
+    # a batch environment's MPLBACKEND (Agg, say) would replace the kernel's inline backend, and every
+    # figure cell would keep only "<Figure size ...>" instead of its image
+    env.pop("MPLBACKEND", None)
     env[ENV_RESULTS] = str(paths.results)
     (paths.results / WARNINGS_LOG).unlink(missing_ok=True)
     env[ENV_PROFILE] = run.label
