@@ -1,0 +1,770 @@
+"""One cell of the gradient-bridge experiment (chapter 06): from a shared LoRA update back to private images.
+
+A client fine-tunes the public :class:`~imprint.bridge.targets.TargetCNN` on a private batch with LoRA
+(``W = W0 + s B A`` on its linear layers, peft's start ``B = 0``, one SGD step) and shares ``Delta B``;
+the attacker knows the model, ``A``, the step size and the batch's labels (given, not recovered). A cell,
+for one rank, one seed and one proxy distribution, does:
+
+1. **proxy pairs**: one- or T-step LoRA updates of the same model and the same ``A`` on batches of the
+   attacker's proxy images, with the full gradients they were taken from
+   (:func:`~imprint.bridge.pairs.generate_pairs`: shards that a killed run resumes from). The proxy images
+   are either of the private domain (``"in"``: public images disjoint from the private and held-out sets,
+   labels true) or natural-image patches of scikit-image's bundled photographs (``"cross"``: labels drawn
+   uniformly);
+2. **decoders** per adapted layer, fitted on a training part of the pairs and scored by the cosine of
+   decoded and true gradients on the rest: the minimum-norm lift ``-Delta W (A^T A)^+ / (eta s^2)``
+   (nothing fitted), the ridge decoder from ``Delta B`` to ``G``, and the learned MLP decoder (cosine loss);
+3. **inversion** (Inverting Gradients) of every consecutive private batch from the true gradient of the
+   adapted layers, from the decoded one (the decoder with the best held-out proxy cosine, a choice that
+   sees no private image), from the LoRA gradient ``grad_B L`` with ``A`` and ``B`` known (no decoder:
+   the candidates' gradients are taken through the adapter), and from a random gradient of the same
+   norm per layer (the control); the decoded and the direct attacks again with the score-distillation
+   prior of a small DDPM trained on the public images when ``sds_weight > 0``;
+4. **scores** per private image: PSNR of the matched reconstruction, SSIM and chapter 01's memorisation
+   criterion (:mod:`imprint.reconstruction.evaluation`: one-to-one matching by correlation within a label,
+   memorised when the reconstruction is closer in SSIM than the nearest held-out image of its class).
+
+:func:`prepare_setting` builds what does not depend on the rank (data, target, prior); :func:`run_cell`
+runs one rank and one proxy distribution on it, and caches the rank-free attacks (true gradient, random
+control) in the setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from imprint.bridge.decoders import decoded_cosine, fit_ridge_lift, min_norm_lift
+from imprint.bridge.inversion import invert_gradients, model_gradients
+from imprint.bridge.learned import DecoderOptions, LearnedDecoder, fit_decoder
+from imprint.bridge.pairs import PairOptions, generate_pairs, load_pairs
+from imprint.bridge.per_example import lora_step_pairs
+from imprint.bridge.prior import SDSOptions, sds_prior, unet_epsilon
+from imprint.bridge.targets import (PretrainOptions, TargetOptions, accuracy, init_lora_factors, lora_targets,
+                                    make_target, pretrain)
+from imprint.runtime.checks import require_choice, require_float, require_int, require_positive
+
+DOMAINS = ("digits", "faces")
+PROXIES = ("in", "cross")
+DECODERS = ("lift", "ridge", "learned")
+ATTACKS = ("true", "decoded", "lora", "random", "decoded_sds", "lora_sds")
+NATURAL_IMAGES = ("camera", "coins", "moon", "page", "text", "astronaut", "grass", "gravel", "brick", "clock")
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class SettingOptions:
+    """What :func:`prepare_setting` builds: the private domain and its splits, the target and its
+    pretraining on the public images, the cross-distribution proxy images, and the DDPM of the prior."""
+
+    domain: str = "digits"
+    n_private: int = 8
+    n_heldout: int = 100
+    n_public: int = 600
+    n_cross: int = 600
+    channels: tuple[int, int] = (8, 16)
+    hidden: int = 32
+    pretrain_epochs: int = 10
+    ddpm_steps: int = 0              # 0: no prior is trained
+    ddpm_channels: tuple[int, ...] = (16, 32)
+    ddpm_timesteps: int = 200
+
+    def __post_init__(self) -> None:
+        require_choice("domain", self.domain, DOMAINS)
+        require_int("n_private", self.n_private, minimum=1)
+        require_int("n_heldout", self.n_heldout, minimum=2)
+        require_int("n_public", self.n_public, minimum=8)
+        require_int("n_cross", self.n_cross, minimum=8)
+        if len(self.channels) != 2:
+            raise ValueError(f"channels={self.channels!r}: expected two channel counts")
+        for c in self.channels:
+            require_int("channels", c, minimum=1)
+        require_int("hidden", self.hidden, minimum=1)
+        require_int("pretrain_epochs", self.pretrain_epochs, minimum=1)
+        require_int("ddpm_steps", self.ddpm_steps, minimum=0)
+        if not self.ddpm_channels:
+            raise ValueError("ddpm_channels=(): expected at least one level")
+        for c in self.ddpm_channels:
+            require_int("ddpm_channels", c, minimum=8)
+            if c % 8:
+                raise ValueError(f"ddpm_channels={self.ddpm_channels!r}: expected multiples of 8 (group norm)")
+        require_int("ddpm_timesteps", self.ddpm_timesteps, minimum=2)
+
+
+@dataclass(frozen=True)
+class CellOptions:
+    """One cell: the rank, the private batch size, the proxy distribution, the pairs, the decoders, the
+    inversion and the prior's weight ``sds_weight`` (0: no prior)."""
+
+    rank: int = 4
+    batch_size: int = 4
+    proxy: str = "cross"
+    n_pairs: int = 256
+    shard_size: int = 128
+    pair_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    pair_steps: tuple[int, ...] = (1,)
+    lora_lr: float = 0.1
+    test_fraction: float = 0.25
+    ridge_alpha: float = 1e-3
+    decoder_hidden: tuple[int, ...] = (128,)
+    decoder_epochs: int = 100
+    decoder_lr: float = 1e-3
+    decoder_loss: str = "cosine"
+    invert_steps: int = 200
+    invert_lr: float = 0.1
+    tv_weight: float = 1e-4
+    restarts: int = 2
+    sds_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        require_int("rank", self.rank, minimum=1)
+        require_int("batch_size", self.batch_size, minimum=1)
+        require_choice("proxy", self.proxy, PROXIES)
+        require_int("n_pairs", self.n_pairs, minimum=8)
+        require_int("shard_size", self.shard_size, minimum=1)
+        if not self.pair_batch_sizes or not self.pair_steps:
+            raise ValueError("pair_batch_sizes and pair_steps: expected at least one value each")
+        for b in self.pair_batch_sizes:
+            require_int("pair_batch_sizes", b, minimum=1)
+        for t in self.pair_steps:
+            require_int("pair_steps", t, minimum=1)
+        require_positive("lora_lr", self.lora_lr)
+        require_float("test_fraction", self.test_fraction, minimum=0.0, maximum=0.9, strict_minimum=True)
+        require_positive("ridge_alpha", self.ridge_alpha)
+        for h in self.decoder_hidden:
+            require_int("decoder_hidden", h, minimum=1)
+        require_int("decoder_epochs", self.decoder_epochs, minimum=1)
+        require_positive("decoder_lr", self.decoder_lr)
+        require_choice("decoder_loss", self.decoder_loss, ["cosine", "mse"])
+        require_int("invert_steps", self.invert_steps, minimum=1)
+        require_positive("invert_lr", self.invert_lr)
+        require_float("tv_weight", self.tv_weight, minimum=0.0)
+        require_int("restarts", self.restarts, minimum=1)
+        require_float("sds_weight", self.sds_weight, minimum=0.0)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def natural_patches(n: int, size: int, seed: int) -> Float[Tensor, "n 1 size size"]:
+    """``n`` grey patches of ``size`` pixels from scikit-image's bundled photographs: a random crop of
+    ``4 size`` pixels of a random image, averaged down by four, stretched to [0, 1]."""
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    n = require_int("n", n, minimum=1)
+    size = require_int("size", size, minimum=2)
+    rng = np.random.default_rng([seed, 6])
+    pictures = []
+    for name in NATURAL_IMAGES:
+        img = np.asarray(getattr(skimage.data, name)(), dtype=np.float64)
+        if img.ndim == 3:
+            img = rgb2gray(img[..., :3] / 255.0)
+        elif img.max() > 1:
+            img = img / 255.0
+        pictures.append(img)
+    crop = 4 * size
+    out = np.empty((n, size, size), dtype=np.float32)
+    for i in range(n):
+        img = pictures[rng.integers(len(pictures))]
+        top, left = rng.integers(img.shape[0] - crop + 1), rng.integers(img.shape[1] - crop + 1)
+        patch = img[top:top + crop, left:left + crop].reshape(size, 4, size, 4).mean((1, 3))
+        lo, hi = patch.min(), patch.max()
+        out[i] = (patch - lo) / (hi - lo) if hi > lo else 0.5
+    return torch.from_numpy(out).unsqueeze(1)
+
+
+def _domain_images(domain: str) -> tuple[np.ndarray, np.ndarray, int]:
+    from imprint.data.images import load_digit_images, load_face_images
+
+    if domain == "digits":
+        x, y = load_digit_images()
+        return x, y, 10
+    x, y = load_face_images()
+    return x, y, 2
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint private, held-out and public sets of one domain (pixels ``[n, 1, H, W]`` in [0, 1])."""
+
+    private: Tensor
+    private_labels: Tensor
+    heldout: Tensor
+    heldout_labels: Tensor
+    public: Tensor
+    public_labels: Tensor
+    n_classes: int
+
+    @property
+    def image_size(self) -> int:
+        return int(self.private.shape[-1])
+
+
+def domain_splits(domain: str, n_private: int, n_heldout: int, n_public: int, seed: int) -> Splits:
+    """Seeded disjoint splits. For faces the private set holds faces only (the held-out pool both classes);
+    the public set (the attacker's in-distribution proxy, the target's pretraining and the prior's training
+    set) takes what is left, at most ``n_public``."""
+    require_choice("domain", domain, DOMAINS)
+    x, y, k = _domain_images(domain)
+    n = x.shape[0]
+    rng = np.random.default_rng([seed, 606])
+    order = rng.permutation(n)
+    eligible = order[y[order] == 1] if domain == "faces" else order
+    if n_private + n_heldout + 8 > n or n_private > eligible.size:
+        raise ValueError(f"n_private={n_private}, n_heldout={n_heldout}: the {domain} set has {n} images "
+                         f"({eligible.size} eligible as private); expected n_private + n_heldout + 8 <= {n}")
+    private = eligible[:n_private]
+    rest = order[~np.isin(order, private)]
+    heldout, public = rest[:n_heldout], rest[n_heldout:n_heldout + n_public]
+    if set(y[private].tolist()) - set(y[heldout].tolist()):
+        raise ValueError(f"n_heldout={n_heldout}: the held-out pool misses a class of the private set")
+
+    def t(idx):
+        return torch.from_numpy(x[idx]).float().unsqueeze(1), torch.from_numpy(y[idx]).long()
+
+    return Splits(*t(private), *t(heldout), *t(public), n_classes=k)
+
+
+# --------------------------------------------------------------------------------------------- the setting
+
+@dataclass
+class Setting:
+    """What every rank of one seed shares: splits, cross proxy images, the pretrained target, the prior."""
+
+    options: SettingOptions
+    seed: int
+    splits: Splits
+    cross: Tensor
+    cross_labels: Tensor
+    model: nn.Module
+    target_accuracy: float
+    unet: nn.Module | None
+    alphas_cumprod: Tensor | None
+    device: torch.device
+    cache: dict = field(default_factory=dict)
+
+
+def _ddpm_config(image_size: int, n_classes: int, options: SettingOptions):
+    from imprint.models.ddpm import DDPMConfig
+
+    levels = tuple(options.ddpm_channels)
+    while len(levels) > 1 and image_size % (2 ** (len(levels) - 1)):
+        levels = levels[:-1]  # 25x25 faces cannot be halved: one level
+    return DDPMConfig(image_size=image_size, n_classes=n_classes, block_out_channels=levels,
+                      norm_num_groups=8, n_train_timesteps=options.ddpm_timesteps)
+
+
+def prepare_setting(options: SettingOptions, seed: int, device: str | torch.device = "cpu") -> Setting:
+    """Splits, cross-distribution patches, the target pretrained on the public images (Adam, seeded), and,
+    with ``ddpm_steps > 0``, a class-conditional DDPM (diffusers ``UNet2DModel``) trained on the same
+    public images: none of them private or held out."""
+    seed = require_int("seed", seed, minimum=0)
+    device = torch.device(device)
+    splits = domain_splits(options.domain, options.n_private, options.n_heldout, options.n_public, seed)
+    size = splits.image_size
+    cross = natural_patches(options.n_cross, size, seed)
+    cross_labels = torch.from_numpy(np.random.default_rng([seed, 7]).integers(splits.n_classes, size=options.n_cross))
+    target = TargetOptions(image_size=size, n_classes=splits.n_classes, channels=tuple(options.channels),
+                           hidden=options.hidden)
+    model = make_target(target, seed).to(device)
+    pretrain(model, splits.public, splits.public_labels, PretrainOptions(epochs=options.pretrain_epochs, seed=seed))
+    acc = accuracy(model, splits.heldout, splits.heldout_labels)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    unet = abar = None
+    if options.ddpm_steps > 0:
+        from imprint.models.ddpm import DDPMTrainOptions, alphas_cumprod, images_to_unit_range, train_ddpm
+
+        config = _ddpm_config(size, splits.n_classes, options)
+        unet = train_ddpm(images_to_unit_range(splits.public).to(device), splits.public_labels.to(device), seed,
+                          config, DDPMTrainOptions(n_steps=options.ddpm_steps, batch_size=64), device)
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        abar = alphas_cumprod(config).to(device)
+    return Setting(options, seed, splits, cross, cross_labels.long(), model, acc, unet, abar, device)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+def check_adapter(model: nn.Module, lora_a: Mapping[str, Tensor], name: str = "lora_a") -> None:
+    """Every factor ``A`` must be ``[r, in]`` of a linear weight of ``model`` with ``1 <= r``."""
+    params = dict(model.named_parameters())
+    for layer, a in lora_a.items():
+        if layer not in params or params[layer].ndim != 2:
+            raise ValueError(f"{name}[{layer!r}]: not a weight matrix of the model (expected one of "
+                             f"{lora_targets(model)})")
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != params[layer].shape[1]:
+            raise ValueError(f"{name}[{layer!r}] has shape {tuple(a.shape)}: expected [r, "
+                             f"{params[layer].shape[1]}] with r >= 1 (the input width of {layer})")
+
+
+def check_decoder(decoder: LearnedDecoder, layer: str, weight_shape: Sequence[int], n_features: int,
+                  name: str = "decoder") -> None:
+    """A learned decoder must read ``n_features`` numbers and write a gradient of ``weight_shape``."""
+    if decoder.n_features != n_features or tuple(decoder.target_shape) != tuple(weight_shape):
+        raise ValueError(f"{name}[{layer!r}] maps {decoder.n_features} features to {tuple(decoder.target_shape)}: "
+                         f"expected {n_features} features (the update of {layer}) to {tuple(weight_shape)}")
+
+
+def check_cell(setting: Setting, options: CellOptions) -> None:
+    """Everything about a cell that depends on the data and the model, before any compute."""
+    n_private = setting.splits.private.shape[0]
+    if options.batch_size > n_private:
+        raise ValueError(f"batch_size={options.batch_size}: expected at most the private set's {n_private} images")
+    params = dict(setting.model.named_parameters())
+    widths = {n: params[n].shape[1] for n in lora_targets(setting.model)}
+    if options.rank > min(widths.values()):
+        raise ValueError(f"rank={options.rank}: expected at most the smallest input width of an adapted layer "
+                         f"({widths})")
+    n_proxy = setting.splits.public.shape[0] if options.proxy == "in" else setting.cross.shape[0]
+    if max(options.pair_batch_sizes) > n_proxy:
+        raise ValueError(f"pair_batch_sizes={options.pair_batch_sizes}: the largest exceeds the {n_proxy} proxy images")
+    if options.sds_weight > 0 and setting.unet is None:
+        raise ValueError(f"sds_weight={options.sds_weight}: expected a setting with a prior (ddpm_steps > 0)")
+    if round(options.n_pairs * options.test_fraction) < 2 or options.n_pairs - round(options.n_pairs * options.test_fraction) < 8:
+        raise ValueError(f"n_pairs={options.n_pairs}, test_fraction={options.test_fraction}: expected at least 2 "
+                         "test pairs and 8 training pairs")
+
+
+# ------------------------------------------------------------------------------------------ the LoRA view
+
+class LoRAView(nn.Module):
+    """The target seen through its adapter: parameters are the ``B`` factors only (zeros, peft's start),
+    ``A`` and the base weights fixed; ``grad_B L = s G A^T`` is what a client's first step shares."""
+
+    def __init__(self, model: nn.Module, lora_a: Mapping[str, Tensor], scaling: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "_base", model)  # not a submodule: its weights are not parameters here
+        self.names = list(lora_a)
+        self.scaling = float(scaling)
+        params = dict(model.named_parameters())
+        self.b = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(params[n].new_zeros(params[n].shape[0], a.shape[0]))
+                                   for n, a in lora_a.items()})
+        for n, a in lora_a.items():
+            self.register_buffer("a_" + n.replace(".", "_"), a.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = {n: p.detach() for n, p in self._base.named_parameters()}
+        adapted = {n: base[n] + self.scaling * self.b[n.replace(".", "_")] @ getattr(self, "a_" + n.replace(".", "_"))
+                   for n in self.names}
+        return functional_call(self._base, {**base, **adapted}, (x,))
+
+
+# --------------------------------------------------------------------------------------------- the cell
+
+@dataclass
+class CellResult:
+    """A cell's numbers (``record``: flat, JSON-ready) and images (``images``: per attack, the matched
+    reconstruction of every private image, ``[n, 1, H, W]``)."""
+
+    record: dict
+    images: dict[str, Tensor]
+    private: Tensor
+
+
+def _psnr(a: Tensor, b: Tensor) -> Tensor:
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def _score(candidates: Tensor, setting: Setting, baseline) -> tuple[dict, Tensor]:
+    from imprint.reconstruction.evaluation import score_candidates
+
+    s = setting.splits
+    n = candidates.shape[0]
+    priv = s.private[:n]
+    labels = s.private_labels[:n]
+    d = priv[0].numel()
+    scores = score_candidates(candidates.reshape(n, d), priv.reshape(n, d), torch.zeros(d), tuple(priv.shape[1:]),
+                              baseline, train_targets=labels, candidate_targets=labels)
+    matched = candidates[scores.match]
+    psnr = _psnr(matched.cpu(), priv)
+    return {"psnr": float(psnr.mean()), "ssim": float(scores.ssim.mean()), "memorised": scores.memorisation_count,
+            "psnr_per_image": psnr.tolist(), "ssim_per_image": scores.ssim.tolist()}, matched.cpu()
+
+
+def _baseline(setting: Setting, n: int):
+    from imprint.reconstruction.evaluation import baseline_scores
+
+    key = ("baseline", n)
+    if key not in setting.cache:
+        s = setting.splits
+        d = s.private[0].numel()
+        setting.cache[key] = baseline_scores(s.private[:n].reshape(n, d), s.private_labels[:n],
+                                             s.heldout.reshape(-1, d), s.heldout_labels, torch.zeros(d),
+                                             tuple(s.private.shape[1:]))
+    return setting.cache[key]
+
+
+def _invert(model: nn.Module, targets: Sequence[Mapping[str, Tensor]], setting: Setting, options: CellOptions,
+            weights: Sequence[float] | None, seed: int, prior_labels: bool = False) -> Tensor:
+    """Every private batch inverted from its target gradient; the batches' reconstructions concatenated."""
+    s = setting.splits
+    b = options.batch_size
+    shape = (b, *s.private.shape[1:])
+    out = []
+    for k, target in enumerate(targets):
+        labels = s.private_labels[k * b:(k + 1) * b].to(setting.device)
+        prior = None
+        if prior_labels:
+            eps = unet_epsilon(setting.unet, labels)
+            prior = sds_prior(eps, setting.alphas_cumprod, SDSOptions(box=(0.0, 1.0)), seed=seed + 7919 * k,
+                              device=setting.device)
+        res = invert_gradients(model, target, labels, shape, steps=options.invert_steps, lr=options.invert_lr,
+                               tv_weight=options.tv_weight, restarts=options.restarts, seed=seed + 1000 * k,
+                               device=setting.device, weights=weights, prior=prior,
+                               prior_weight=options.sds_weight if prior_labels else 0.0)
+        out.append(res.images.detach().cpu())
+    return torch.cat(out)
+
+
+def _full_targets(model: nn.Module, layer_grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A gradient for every parameter: the given layers', zeros elsewhere (weighted zero in the match)."""
+    return {n: layer_grads[n] if n in layer_grads else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+
+def _layer_weights(model: nn.Module, layers: Sequence[str]) -> list[float]:
+    return [1.0 if n in layers else 0.0 for n, _ in model.named_parameters()]
+
+
+def _split_pairs(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    n_test = int(round(n * test_fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 31))
+    return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
+             attacks: Sequence[str] = ATTACKS) -> CellResult:
+    """One rank and one proxy distribution on ``setting`` (see the module's docstring). ``folder`` holds the
+    proxy pairs' shards (resumed when present). ``attacks`` chooses among :data:`ATTACKS`; the ``_sds``
+    ones run only when ``options.sds_weight > 0``. The true-gradient and random attacks do not depend on
+    the rank or the proxy, and are computed once per setting and batch size."""
+    check_cell(setting, options)
+    for a in attacks:
+        require_choice("attacks", a, ATTACKS)
+    model, s, dev, seed = setting.model, setting.splits, setting.device, setting.seed
+    layers = lora_targets(model)
+    params = dict(model.named_parameters())
+    lora_a = init_lora_factors(model, options.rank, seed)
+    check_adapter(model, lora_a)
+    scaling, lr = 1.0, options.lora_lr
+
+    # 1. proxy pairs
+    proxy_x, proxy_y = ((s.public, s.public_labels) if options.proxy == "in" else (setting.cross, setting.cross_labels))
+    pair_options = PairOptions(n_pairs=options.n_pairs, shard_size=options.shard_size,
+                               batch_sizes=tuple(options.pair_batch_sizes), steps=tuple(options.pair_steps), lr=lr,
+                               scaling=scaling, seed=seed)
+    generate_pairs(folder, model, proxy_x.to(dev), proxy_y.to(dev), lora_a, pair_options)
+    pairs = load_pairs(folder)
+    train_rows, test_rows = _split_pairs(pairs.n, options.test_fraction, seed)
+    test_steps = pairs.steps[test_rows]
+
+    # 2. decoders per layer, scored on held-out proxy pairs
+    record: dict = {"rank": options.rank, "proxy": options.proxy, "seed": seed, "batch_size": options.batch_size,
+                    "domain": setting.options.domain, "target_accuracy": setting.target_accuracy}
+    dec_opts = DecoderOptions(hidden=tuple(options.decoder_hidden), loss=options.decoder_loss, lr=options.decoder_lr,
+                              epochs=options.decoder_epochs, batch_size=64, patience=max(5, options.decoder_epochs // 5),
+                              seed=seed)
+    ridges, learned = {}, {}
+    for layer in layers:
+        feats = pairs.delta_b[layer].flatten(1).double()
+        full = pairs.full[layer].double()
+        xf = feats[train_rows]
+        alpha = options.ridge_alpha * float(xf.pow(2).sum(1).mean().clamp_min(1e-30))
+        ridges[layer] = fit_ridge_lift(xf, full[train_rows].flatten(1), alpha=alpha)
+        fit = fit_decoder(feats[train_rows].float().to(dev), full[train_rows].float().to(dev), dec_opts)
+        learned[layer] = fit.decoder.eval()
+        check_decoder(learned[layer], layer, params[layer].shape, feats.shape[1])
+        truth = full[test_rows]
+        decoded = {
+            "lift": min_norm_lift(pairs.delta_w(layer)[test_rows].double(), pairs.lora_a[layer].double(), lr=lr,
+                                  scaling=scaling),
+            "ridge": ridges[layer](feats[test_rows]).unflatten(-1, truth.shape[1:]),
+            "learned": learned[layer](feats[test_rows].float().to(dev)).detach().cpu().double(),
+        }
+        for name, g_hat in decoded.items():
+            cos = decoded_cosine(g_hat, truth)
+            record[f"cos_{name}_{layer}"] = float(cos.mean())
+            for t in sorted(set(test_steps.tolist())):
+                record[f"cos_{name}_{layer}_T{t}"] = float(cos[test_steps == t].mean())
+    for name in DECODERS:
+        record[f"cos_{name}"] = float(np.mean([record[f"cos_{name}_{layer}"] for layer in layers]))
+    chosen = max(DECODERS, key=lambda name: record[f"cos_{name}"])
+    record["chosen_decoder"] = chosen
+
+    # 3. the private client's update, batch by batch
+    b = options.batch_size
+    n_batches = s.private.shape[0] // b
+    n_used = n_batches * b
+    x_priv, y_priv = s.private[:n_used].to(dev), s.private_labels[:n_used].to(dev)
+    client = lora_step_pairs(model, x_priv, y_priv, lora_a, lr=lr, scaling=scaling, batch_size=b)
+    true_grads = [model_gradients(model, x_priv[k * b:(k + 1) * b], y_priv[k * b:(k + 1) * b]) for k in range(n_batches)]
+    decoded_private = []
+    for k in range(n_batches):
+        g = {}
+        for layer in layers:
+            feats = client.delta_b[layer][k:k + 1].flatten(1).double().cpu()
+            ridge_g = ridges[layer](feats).unflatten(-1, params[layer].shape)[0]
+            if chosen == "lift":
+                g_hat = min_norm_lift(client.delta_w[layer][k].double().cpu(), lora_a[layer].double().cpu(), lr=lr,
+                                      scaling=scaling)
+            elif chosen == "ridge":
+                g_hat = ridge_g
+            else:  # the learned decoder's direction with the ridge decoder's norm (the cosine loss fixes no scale)
+                g_hat = learned[layer](feats.float().to(dev)).detach().cpu().double()[0]
+                g_hat = g_hat * ridge_g.norm() / g_hat.norm().clamp_min(1e-30)
+            g[layer] = g_hat.to(params[layer].dtype).to(dev)
+        decoded_private.append(g)
+    record["cos_private"] = float(np.mean([float(decoded_cosine(decoded_private[k][layer], true_grads[k][layer]))
+                                           for k in range(n_batches) for layer in layers]))
+
+    # 4. inversions and scores
+    weights = _layer_weights(model, layers)
+    baseline = _baseline(setting, n_used)
+    images: dict[str, Tensor] = {}
+    runs = [a for a in attacks if not a.endswith("_sds") or options.sds_weight > 0]
+    for attack in runs:
+        key = ("attack", attack, b, options.invert_steps, options.restarts)
+        if attack in ("true", "random") and key in setting.cache:
+            scores, matched = setting.cache[key]
+        else:
+            if attack == "true":
+                targets = [_full_targets(model, {n: g[n] for n in layers}) for g in true_grads]
+                cand = _invert(model, targets, setting, options, weights, seed)
+            elif attack == "random":
+                gen = torch.Generator().manual_seed(seed + 4242)
+                targets = []
+                for g in true_grads:
+                    rnd = {}
+                    for n in layers:
+                        z = torch.randn(g[n].shape, generator=gen, dtype=torch.float64)
+                        rnd[n] = (z * g[n].norm().double().cpu() / z.norm()).to(g[n].dtype).to(dev)
+                    targets.append(_full_targets(model, rnd))
+                cand = _invert(model, targets, setting, options, weights, seed)
+            elif attack.startswith("decoded"):
+                targets = [_full_targets(model, g) for g in decoded_private]
+                cand = _invert(model, targets, setting, options, weights, seed, prior_labels=attack.endswith("_sds"))
+            else:
+                view = LoRAView(model, lora_a, scaling).to(dev)
+                targets = [{n.replace(".", "_"): -client.delta_b[n][k] / lr for n in layers} for k in range(n_batches)]
+                targets = [{f"b.{k_}": v for k_, v in t.items()} for t in targets]
+                cand = _invert(view, targets, setting, options, None, seed, prior_labels=attack.endswith("_sds"))
+            scores, matched = _score(cand, setting, baseline)
+            if attack in ("true", "random"):
+                setting.cache[key] = (scores, matched)
+        images[attack] = matched
+        for k_, v in scores.items():
+            record[f"{attack}_{k_}"] = v
+    record["n_private_used"] = n_used
+    return CellResult(record, images, s.private[:n_used])
+
+
+def cell_options_dict(options: CellOptions) -> dict:
+    """The options as plain JSON values."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
+
+
+# ------------------------------------------------------------------------------------- over seeds and ranks
+
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval over seeds (``nan`` bounds for a single seed)."""
+    from scipy.stats import t as student
+
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("values is empty: expected one number per seed")
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(student.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
+def summary_table(records: Sequence[Mapping]) -> list[dict]:
+    """One row per (proxy, rank): every numeric field of the cells' records as mean, low and high over
+    seeds (``<key>``, ``<key>_lo``, ``<key>_hi``), the per-seed values of the memorisation counts."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in records:
+        groups.setdefault((r["proxy"], r["rank"]), []).append(r)
+    rows = []
+    for (proxy, rank), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        row: dict = {"proxy": proxy, "rank": rank, "n_seeds": len(group), "seeds": [g["seed"] for g in group],
+                     "chosen_decoder": [g["chosen_decoder"] for g in group]}
+        for key, value in group[0].items():
+            if key in ("rank", "seed", "batch_size") or isinstance(value, (str, list, bool)):
+                continue
+            mean, lo, hi = interval([g[key] for g in group])
+            row[key], row[f"{key}_lo"], row[f"{key}_hi"] = mean, lo, hi
+            if key.endswith("_memorised"):
+                row[f"{key}_per_seed"] = [int(g[key]) for g in group]
+        rows.append(row)
+    return rows
+
+
+def attack_works(row: Mapping, attack: str) -> bool:
+    """The chapter's rule: an attack works in a cell when its memorisation count is at least one on
+    average over seeds and exceeds the random control's on every seed."""
+    mine, control = row.get(f"{attack}_memorised_per_seed"), row.get("random_memorised_per_seed")
+    if mine is None or control is None:
+        return False
+    return float(np.mean(mine)) >= 1 and all(a > c for a, c in zip(mine, control))
+
+
+def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Sequence[str],
+                    sds_min_rank: int) -> dict:
+    """The scalars the chapter glues, and the verdict sentences built from them."""
+    out: dict = {}
+    proxies = sorted({r["proxy"] for r in table})
+    ranks = sorted({r["rank"] for r in table})
+    lo_rank, hi_rank = ranks[0], ranks[-1]
+    out["low_rank"], out["high_rank"] = lo_rank, hi_rank
+    pick = {(r["proxy"], r["rank"]): r for r in table}
+    for p in proxies:
+        for d in DECODERS:
+            out[f"cos_{d}_{p}_low"] = pick[(p, lo_rank)][f"cos_{d}"]
+            out[f"cos_{d}_{p}_high"] = pick[(p, hi_rank)][f"cos_{d}"]
+        wins = [r for r in ranks if pick[(p, r)]["cos_learned"] > max(pick[(p, r)]["cos_lift"], pick[(p, r)]["cos_ridge"])]
+        out[f"learned_wins_{p}"] = len(wins)
+        out[f"cos_private_{p}_high"] = pick[(p, hi_rank)]["cos_private"]
+    out["n_ranks"] = len(ranks)
+    main = "cross" if "cross" in proxies else proxies[0]
+    out["main_proxy"] = main
+    for a in attacks:
+        if f"{a}_psnr" not in pick[(main, hi_rank)]:
+            continue
+        out[f"{a}_psnr_low"] = pick[(main, lo_rank)][f"{a}_psnr"]
+        out[f"{a}_psnr_high"] = pick[(main, hi_rank)][f"{a}_psnr"]
+        out[f"{a}_ssim_high"] = pick[(main, hi_rank)][f"{a}_ssim"]
+        out[f"{a}_memorised_total"] = int(sum(sum(pick[(main, r)][f"{a}_memorised_per_seed"]) for r in ranks))
+        out[f"{a}_cells_work"] = sum(attack_works(pick[(main, r)], a) for r in ranks)
+    n_images = int(pick[(main, hi_rank)]["n_private_used"])
+    out["n_images_per_cell"] = n_images
+    working = [f"{a} at r = {r}" for a in attacks if a != "random" for r in ranks if attack_works(pick[(main, r)], a)]
+    out["working_text"] = ("by that rule, no attack works in any cell" if not working
+                           else "by that rule, these attacks work: " + ", ".join(working))
+    decoder_words = []
+    for p in proxies:
+        n = out[f"learned_wins_{p}"]
+        decoder_words.append(f"with {p}-distribution proxies the learned decoder has the highest held-out cosine "
+                             f"at {n} of {len(ranks)} ranks")
+    out["decoder_text"] = "; ".join(decoder_words)
+    if "decoded_sds" in attacks and "decoded_sds_psnr" in pick[(main, hi_rank)]:
+        high = [r for r in ranks if r >= sds_min_rank]
+        mem = int(sum(sum(pick[(main, r)]["decoded_sds_memorised_per_seed"]) for r in high)) if high else 0
+        ctrl = int(sum(sum(pick[(main, r)]["random_memorised_per_seed"]) for r in high)) if high else 0
+        out["sds_high_memorised"], out["random_high_memorised"] = mem, ctrl
+        if not high:
+            out["sds_text"] = f"no rank of this run reaches {sds_min_rank}, so the prior's target is not tested"
+        elif mem > 0 and ctrl == 0:
+            out["sds_text"] = (f"at ranks of at least {sds_min_rank} the decoded attack with the prior recovers "
+                               f"{mem} images that meet the memorisation criterion and the random control none")
+        else:
+            out["sds_text"] = (f"at ranks of at least {sds_min_rank} the decoded attack with the prior recovers "
+                               f"{mem} images that meet the memorisation criterion, the random control {ctrl}: "
+                               "the target is not met")
+    else:
+        out["sds_text"] = "the prior was not run (sds_weight is 0)"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+_STYLE = {"lift": "tab:grey", "ridge": "tab:blue", "learned": "tab:orange"}
+_ATTACK_COLOURS = {"true": "black", "decoded": "tab:blue", "lora": "tab:green", "random": "tab:red",
+                   "decoded_sds": "tab:purple", "lora_sds": "tab:olive"}
+
+
+def _band(ax, x, rows, key, **kw):
+    y = np.array([r[key] for r in rows])
+    lo = np.array([r[f"{key}_lo"] for r in rows])
+    hi = np.array([r[f"{key}_hi"] for r in rows])
+    line, = ax.plot(x, y, marker="o", **kw)
+    if np.isfinite(lo).all():
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def plot_cosines(table: Sequence[Mapping], layers: Sequence[str]):
+    """Decoded-vs-true cosine on held-out proxy pairs against the rank, one panel per layer; solid
+    in-distribution proxies, dashed cross-distribution."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for proxy, ls in (("in", "-"), ("cross", "--")):
+            rows = sorted([r for r in table if r["proxy"] == proxy], key=lambda r: r["rank"])
+            if not rows:
+                continue
+            x = [r["rank"] for r in rows]
+            for d in DECODERS:
+                _band(ax, x, rows, f"cos_{d}_{layer}", color=_STYLE[d], linestyle=ls, label=f"{d} ({proxy})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_title(layer)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0, 0].set_ylabel("cosine(decoded, true)")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_psnr(table: Sequence[Mapping], attacks: Sequence[str], proxy: str):
+    """PSNR of the matched reconstructions against the rank for one proxy distribution, mean and interval
+    over seeds; the true-gradient and random attacks do not depend on the rank."""
+    import matplotlib.pyplot as plt
+
+    rows = sorted([r for r in table if r["proxy"] == proxy], key=lambda r: r["rank"])
+    x = [r["rank"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for a in attacks:
+        if f"{a}_psnr" not in rows[0]:
+            continue
+        _band(ax, x, rows, f"{a}_psnr", color=_ATTACK_COLOURS[a], linestyle=":" if a in ("true", "random") else "-",
+              label=a)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("PSNR (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_grid(cells: Mapping[int, CellResult], attacks: Sequence[str], n_show: int = 4):
+    """Rows: the private images, then each attack's matched reconstructions; columns: the ranks."""
+    import matplotlib.pyplot as plt
+
+    ranks = sorted(cells)
+    first = cells[ranks[0]]
+    shown = [a for a in attacks if a in first.images]
+    n = min(n_show, first.private.shape[0])
+    fig, axes = plt.subplots(1 + len(shown), len(ranks), figsize=(1.0 + 1.1 * n * len(ranks) / 2,
+                                                                  0.9 * (1 + len(shown))), squeeze=False)
+
+    def tile(x):
+        return torch.cat(list(x[:n, 0].clamp(0, 1)), dim=-1).numpy()
+
+    for j, r in enumerate(ranks):
+        cell = cells[r]
+        panels = [("private", cell.private)] + [(a, cell.images[a]) for a in shown]
+        for i, (name, imgs) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(tile(imgs), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"r = {r}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
