@@ -575,7 +575,7 @@ def cell_options_dict(options: CellOptions) -> dict:
 
 # ------------------------------------------------------------------------------------- over seeds and ranks
 
-def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def interval(values: Sequence, level: float = 0.95) -> tuple[float, float, float]:
     """Mean and Student-t interval over seeds (``nan`` bounds for a single seed)."""
     from scipy.stats import t as student
 

@@ -1,0 +1,114 @@
+"""One cell of chapter 06's experiment: validation before compute, determinism, the control, resumable pairs."""
+
+import shutil
+
+import pytest
+import torch
+
+from imprint.bridge.experiment import (CellOptions, LoRAView, SettingOptions, attack_works, check_adapter,
+                                       check_cell, check_decoder, interval, natural_patches, prepare_setting,
+                                       run_cell, summary_table)
+from imprint.bridge.inversion import model_gradients
+from imprint.bridge.learned import LearnedDecoder
+from imprint.bridge.targets import init_lora_factors
+
+TINY = SettingOptions(domain="digits", n_private=4, n_heldout=60, n_public=64, n_cross=64, channels=(4, 8), hidden=16,
+                      pretrain_epochs=2)
+FAST = dict(n_pairs=24, shard_size=8, pair_batch_sizes=(1, 2), decoder_hidden=(16,), decoder_epochs=3,
+            invert_steps=15, restarts=1)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.set_num_threads(1)
+    return prepare_setting(TINY, seed=0)
+
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("rank", -2), ("sds_weight", -0.1), ("batch_size", 0),
+                                          ("proxy", "faces")])
+def test_bad_cell_options_name_the_parameter(field, value):
+    with pytest.raises(ValueError, match=field):
+        CellOptions(**{field: value})
+
+
+def test_data_dependent_checks_name_the_parameter(setting):
+    with pytest.raises(ValueError, match="batch_size=5"):
+        check_cell(setting, CellOptions(batch_size=5, **FAST))
+    with pytest.raises(ValueError, match="rank=17"):
+        check_cell(setting, CellOptions(rank=17, **FAST))
+    with pytest.raises(ValueError, match="sds_weight"):
+        check_cell(setting, CellOptions(sds_weight=0.1, **FAST))  # the tiny setting trained no prior
+    a = init_lora_factors(setting.model, 2, 0)
+    bad = {**a, "fc1.weight": a["fc1.weight"][:, :-1]}
+    with pytest.raises(ValueError, match=r"lora_a\['fc1.weight'\]"):
+        check_adapter(setting.model, bad)
+    with pytest.raises(ValueError, match="lora_a"):
+        check_adapter(setting.model, {"conv1.weight": a["fc1.weight"]})
+    decoder = LearnedDecoder(16 * 2, (16, 33), hidden=())
+    with pytest.raises(ValueError, match=r"decoder\['fc1.weight'\]"):
+        check_decoder(decoder, "fc1.weight", setting.model.fc1.weight.shape, 16 * 2)
+
+
+def test_lora_view_gradient_is_the_projected_full_gradient(setting):
+    a = init_lora_factors(setting.model, 3, 1)
+    view = LoRAView(setting.model, a)
+    x, y = setting.splits.private[:2], setting.splits.private_labels[:2]
+    g_b = model_gradients(view, x, y)
+    g_w = model_gradients(setting.model, x, y)
+    assert set(g_b) == {"b.fc1_weight", "b.fc2_weight"}
+    for n in a:
+        expected = g_w[n] @ a[n].T
+        assert torch.allclose(g_b["b." + n.replace(".", "_")], expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(g_b["b.fc1_weight"], torch.zeros_like(g_b["b.fc1_weight"]))
+
+
+def test_a_cell_is_deterministic_under_its_seed(tmp_path):
+    attacks = ("true", "decoded", "lora", "random")
+    first = run_cell(prepare_setting(TINY, seed=3), CellOptions(rank=2, **FAST), tmp_path / "a", attacks)
+    second = run_cell(prepare_setting(TINY, seed=3), CellOptions(rank=2, **FAST), tmp_path / "b", attacks)
+    assert first.record == second.record
+    for a in attacks:
+        assert torch.equal(first.images[a], second.images[a])
+    other = run_cell(prepare_setting(TINY, seed=4), CellOptions(rank=2, **FAST), tmp_path / "c", attacks)
+    assert other.record["true_psnr"] != first.record["true_psnr"]
+
+
+def test_the_random_control_scores_below_the_true_gradient(setting, tmp_path):
+    opts = CellOptions(rank=4, batch_size=1, **{**FAST, "invert_steps": 120, "restarts": 2})
+    cell = run_cell(setting, opts, tmp_path / "pairs", ("true", "random"))
+    rec = cell.record
+    assert rec["true_psnr"] > rec["random_psnr"] + 1.0, rec
+    assert rec["true_ssim"] > rec["random_ssim"], rec
+
+
+def test_a_killed_pair_generation_resumes_to_identical_shards(setting, tmp_path):
+    opts = CellOptions(rank=2, **FAST)
+    whole = run_cell(setting, opts, tmp_path / "whole", ("lora",))
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    (tmp_path / "killed" / "shard-00001.safetensors").write_bytes(b"partial")  # a shard cut short
+    (tmp_path / "killed" / "shard-00002.safetensors").unlink()                 # one never written
+    resumed = run_cell(setting, opts, tmp_path / "killed", ("lora",))
+    for k in range(3):
+        name = f"shard-{k:05d}.safetensors"
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert resumed.record == whole.record
+
+
+def test_the_rule_and_the_intervals():
+    base = {"proxy": "cross", "batch_size": 1, "chosen_decoder": "ridge", "cos_lift": 0.1}
+    records = [{**base, "rank": 8, "seed": s, "decoded_memorised": m, "random_memorised": c}
+               for s, (m, c) in enumerate([(2, 0), (1, 0), (3, 1)])]
+    row, = summary_table(records)
+    assert row["decoded_memorised_per_seed"] == [2, 1, 3] and row["decoded_memorised"] == 2.0
+    assert row["decoded_memorised_lo"] < 2.0 < row["decoded_memorised_hi"]
+    assert attack_works(row, "decoded")
+    records[2]["random_memorised"] = 3  # the control ties one seed: the attack no longer works
+    assert not attack_works(summary_table(records)[0], "decoded")
+    mean, lo, hi = interval([1.0])
+    assert mean == 1.0 and lo != lo and hi != hi
+
+
+def test_natural_patches_are_seeded_images_in_the_box():
+    a, b, c = natural_patches(16, 8, 0), natural_patches(16, 8, 0), natural_patches(16, 8, 1)
+    assert a.shape == (16, 1, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
