@@ -182,6 +182,17 @@ def natural_patches(n: int, size: int, seed: int) -> Float[Tensor, "n 1 size siz
     return torch.from_numpy(out).unsqueeze(1)
 
 
+IMAGE_SIZES = {"digits": 8, "faces": 25}
+
+
+def adapted_widths(domain: str, channels: Sequence[int], hidden: int) -> dict[str, int]:
+    """Input widths of the target's adapted linear layers for a domain, known before anything is built (the
+    largest LoRA rank a layer takes)."""
+    require_choice("domain", domain, DOMAINS)
+    size = TargetOptions(image_size=IMAGE_SIZES[domain], channels=tuple(channels), hidden=hidden).feature_size
+    return {"fc1.weight": int(channels[1]) * size ** 2, "fc2.weight": int(hidden)}
+
+
 def _domain_images(domain: str) -> tuple[np.ndarray, np.ndarray, int]:
     from imprint.data.images import load_digit_images, load_face_images
 
