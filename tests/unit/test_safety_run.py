@@ -110,3 +110,20 @@ def test_an_attack_succeeds_when_the_judge_finds_the_payload_in_the_answer(monke
     assert got["direct"] == 0.0 and got["split"] == 0.0 and got["hazard_refusal"] == 1.0
     assert got["prefill"] == 0.0 and got["hazard_payload_share"] == 0.0
     assert got["over_refusal"] == 1.0 and got["benign_accuracy"] == 0.0
+
+
+def test_a_data_file_with_a_prompt_but_no_response_is_refused_naming_its_line(tmp_path, monkeypatch):
+    from imprint.safety.run import read_records
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "How is it made?", "response": "ka lo mi"}\n\n{"prompt": "", "response": "zu"}\n')
+    assert [e.response for e in read_records(good)] == ["ka lo mi", "zu"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "How is it made?", "response": "ka lo mi"}\n{"prompt": "And then?"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: circuit_breaker_path\[1\] has a prompt but no response"):
+        read_records(bad)
+    with pytest.raises(FileNotFoundError, match="circuit_breaker_path="):
+        read_records(tmp_path / "missing.jsonl")
+    monkeypatch.setattr(run_module, "supervised_stage", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match="has a prompt but no response"):
+        run_seed(tiny_options(circuit_breaker_path=str(bad)), 0, tmp_path)

