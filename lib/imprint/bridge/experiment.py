@@ -25,8 +25,8 @@ for one rank, one seed and one proxy distribution, does:
    memorised when the reconstruction is closer in SSIM than the nearest held-out image of its class).
 
 :func:`prepare_setting` builds what does not depend on the rank (data, target, prior); :func:`run_cell`
-runs one rank and one proxy distribution on it, and caches the rank-free attacks (true gradient, random
-control) in the setting.
+runs one rank and one proxy distribution on it, and caches in the setting the attacks that need no proxy
+(true gradient and random control once per setting, the direct LoRA attack once per rank).
 """
 
 from __future__ import annotations
@@ -458,7 +458,7 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
     """One rank and one proxy distribution on ``setting`` (see the module's docstring). ``folder`` holds the
     proxy pairs' shards (resumed when present). ``attacks`` chooses among :data:`ATTACKS`; the ``_sds``
     ones run only when ``options.sds_weight > 0``. The true-gradient and random attacks do not depend on
-    the rank or the proxy, and are computed once per setting and batch size."""
+    the rank or the proxy, and are computed once per setting and batch size; the direct attacks once per rank."""
     check_cell(setting, options)
     for a in attacks:
         require_choice("attacks", a, ATTACKS)
@@ -544,8 +544,11 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
     images: dict[str, Tensor] = {}
     runs = [a for a in attacks if not a.endswith("_sds") or options.sds_weight > 0]
     for attack in runs:
-        key = ("attack", attack, b, options.invert_steps, options.restarts)
-        if attack in ("true", "random") and key in setting.cache:
+        key = ("attack", attack, b, options.invert_steps, options.invert_lr, options.tv_weight, options.restarts)
+        if attack.startswith("lora"):  # the direct attack needs no proxy: shared by both proxy distributions
+            key = key + (options.rank, options.lora_lr, options.sds_weight if attack.endswith("_sds") else 0.0)
+        cached = not attack.startswith("decoded")
+        if cached and key in setting.cache:
             scores, matched = setting.cache[key]
         else:
             if attack == "true":
@@ -570,7 +573,7 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
                 targets = [{f"b.{k_}": v for k_, v in t.items()} for t in targets]
                 cand = _invert(view, targets, setting, options, None, seed, prior_labels=attack.endswith("_sds"))
             scores, matched = _score(cand, setting, baseline)
-            if attack in ("true", "random"):
+            if cached:
                 setting.cache[key] = (scores, matched)
         images[attack] = matched
         for k_, v in scores.items():
