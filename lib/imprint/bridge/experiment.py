@@ -19,7 +19,9 @@ for one rank, one seed and one proxy distribution, does:
    sees no private image), from the LoRA gradient ``grad_B L`` with ``A`` and ``B`` known (no decoder:
    the candidates' gradients are taken through the adapter), and from a random gradient of the same
    norm per layer (the control); the decoded and the direct attacks again with the score-distillation
-   prior of a small DDPM trained on the public images when ``sds_weight > 0``;
+   prior of a small DDPM trained on the public images when ``sds_weight > 0``; and, as the upper line of
+   the inversion itself, from the true gradient of every parameter (``"true_all"``, convolutions and
+   biases too: what plain federated SGD would share);
 4. **scores** per private image: PSNR of the matched reconstruction, SSIM and chapter 01's memorisation
    criterion (:mod:`imprint.reconstruction.evaluation`: one-to-one matching by correlation within a label,
    memorised when the reconstruction is closer in SSIM than the nearest held-out image of its class).
@@ -55,7 +57,7 @@ from imprint.runtime.checks import require_choice, require_float, require_int, r
 DOMAINS = ("digits", "faces")
 PROXIES = ("in", "cross")
 DECODERS = ("lift", "ridge", "learned")
-ATTACKS = ("true", "decoded", "lora", "random", "decoded_sds", "lora_sds")
+ATTACKS = ("true", "decoded", "lora", "random", "decoded_sds", "lora_sds", "true_all")
 NATURAL_IMAGES = ("camera", "coins", "moon", "page", "text", "astronaut", "grass", "gravel", "brick", "clock")
 
 
@@ -341,7 +343,8 @@ def check_cell(setting: Setting, options: CellOptions) -> None:
         raise ValueError(f"pair_batch_sizes={options.pair_batch_sizes}: the largest exceeds the {n_proxy} proxy images")
     if options.sds_weight > 0 and setting.unet is None:
         raise ValueError(f"sds_weight={options.sds_weight}: expected a setting with a prior (ddpm_steps > 0)")
-    if round(options.n_pairs * options.test_fraction) < 2 or options.n_pairs - round(options.n_pairs * options.test_fraction) < 8:
+    n_test = round(options.n_pairs * options.test_fraction)
+    if n_test < 2 or options.n_pairs - n_test < 8:
         raise ValueError(f"n_pairs={options.n_pairs}, test_fraction={options.test_fraction}: expected at least 2 "
                          "test pairs and 8 training pairs")
 
@@ -358,7 +361,8 @@ class LoRAView(nn.Module):
         self.names = list(lora_a)
         self.scaling = float(scaling)
         params = dict(model.named_parameters())
-        self.b = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(params[n].new_zeros(params[n].shape[0], a.shape[0]))
+        self.b = nn.ParameterDict({n.replace(".", "_"):
+                                   nn.Parameter(params[n].new_zeros(params[n].shape[0], a.shape[0]))
                                    for n, a in lora_a.items()})
         for n, a in lora_a.items():
             self.register_buffer("a_" + n.replace(".", "_"), a.detach().clone())
@@ -483,7 +487,8 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
     record: dict = {"rank": options.rank, "proxy": options.proxy, "seed": seed, "batch_size": options.batch_size,
                     "domain": setting.options.domain, "target_accuracy": setting.target_accuracy}
     dec_opts = DecoderOptions(hidden=tuple(options.decoder_hidden), loss=options.decoder_loss, lr=options.decoder_lr,
-                              epochs=options.decoder_epochs, batch_size=64, patience=max(5, options.decoder_epochs // 5),
+                              epochs=options.decoder_epochs, batch_size=64,
+                              patience=max(5, options.decoder_epochs // 5),
                               seed=seed)
     ridges, learned = {}, {}
     for layer in layers:
@@ -518,7 +523,8 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
     n_used = n_batches * b
     x_priv, y_priv = s.private[:n_used].to(dev), s.private_labels[:n_used].to(dev)
     client = lora_step_pairs(model, x_priv, y_priv, lora_a, lr=lr, scaling=scaling, batch_size=b)
-    true_grads = [model_gradients(model, x_priv[k * b:(k + 1) * b], y_priv[k * b:(k + 1) * b]) for k in range(n_batches)]
+    true_grads = [model_gradients(model, x_priv[k * b:(k + 1) * b], y_priv[k * b:(k + 1) * b])
+                  for k in range(n_batches)]
     decoded_private = []
     for k in range(n_batches):
         g = {}
@@ -551,7 +557,9 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
         if cached and key in setting.cache:
             scores, matched = setting.cache[key]
         else:
-            if attack == "true":
+            if attack == "true_all":
+                cand = _invert(model, true_grads, setting, options, None, seed)
+            elif attack == "true":
                 targets = [_full_targets(model, {n: g[n] for n in layers}) for g in true_grads]
                 cand = _invert(model, targets, setting, options, weights, seed)
             elif attack == "random":
@@ -646,7 +654,8 @@ def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Se
         for d in DECODERS:
             out[f"cos_{d}_{p}_low"] = pick[(p, lo_rank)][f"cos_{d}"]
             out[f"cos_{d}_{p}_high"] = pick[(p, hi_rank)][f"cos_{d}"]
-        wins = [r for r in ranks if pick[(p, r)]["cos_learned"] > max(pick[(p, r)]["cos_lift"], pick[(p, r)]["cos_ridge"])]
+        wins = [r for r in ranks
+                if pick[(p, r)]["cos_learned"] > max(pick[(p, r)]["cos_lift"], pick[(p, r)]["cos_ridge"])]
         out[f"learned_wins_{p}"] = len(wins)
         out[f"cos_private_{p}_high"] = pick[(p, hi_rank)]["cos_private"]
     out["n_ranks"] = len(ranks)
@@ -693,7 +702,8 @@ def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Se
 # ------------------------------------------------------------------------------------------------ figures
 
 _STYLE = {"lift": "tab:grey", "ridge": "tab:blue", "learned": "tab:orange"}
-_ATTACK_COLOURS = {"true": "black", "decoded": "tab:blue", "lora": "tab:green", "random": "tab:red",
+_ATTACK_COLOURS = {"true_all": "tab:brown", "true": "black", "decoded": "tab:blue", "lora": "tab:green",
+                   "random": "tab:red",
                    "decoded_sds": "tab:purple", "lora_sds": "tab:olive"}
 
 
@@ -742,7 +752,8 @@ def plot_psnr(table: Sequence[Mapping], attacks: Sequence[str], proxy: str):
     for a in attacks:
         if f"{a}_psnr" not in rows[0]:
             continue
-        _band(ax, x, rows, f"{a}_psnr", color=_ATTACK_COLOURS[a], linestyle=":" if a in ("true", "random") else "-",
+        dotted = a in ("true", "random", "true_all")
+        _band(ax, x, rows, f"{a}_psnr", color=_ATTACK_COLOURS[a], linestyle=":" if dotted else "-",
               label=a)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
