@@ -20,8 +20,10 @@ FAST = dict(n_pairs=24, shard_size=8, pair_batch_sizes=(1, 2), decoder_hidden=(1
 
 @pytest.fixture(scope="module")
 def setting():
-    torch.set_num_threads(1)
-    return prepare_setting(TINY, seed=0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes; restored, since other modules compare sums across thread counts
+    yield prepare_setting(TINY, seed=0)
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("field, value", [("rank", 0), ("rank", -2), ("sds_weight", -0.1), ("batch_size", 0),

@@ -78,3 +78,21 @@ def test_smollm2_from_the_offline_gguf():
         out = lm.model.generate(ids, max_new_tokens=8, do_sample=False)
     reply = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert reply.strip()
+
+
+def test_a_float64_tiny_llama_computes_in_float64():
+    """transformers' RMSNorm and eager softmax round to float32 whatever the input: in a float64 model
+    that would make a finite difference at step 1e-9 noise. It must match the directional derivative."""
+    lm = tiny_llama(0, dtype="float64")
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = lm.model.get_input_embeddings()(ids).detach()
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def logits(e):
+        return lm.model(inputs_embeds=e, use_cache=False).logits
+
+    eps = 1e-9
+    finite = (logits(x + eps * v) - logits(x - eps * v)) / (2 * eps)
+    _, exact = torch.func.jvp(logits, (x,), (v,))
+    assert logits(x).dtype == torch.float64
+    torch.testing.assert_close(finite, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())

@@ -195,8 +195,62 @@ def tiny_llama(seed: int = 0, *, vocab_size: int = 512, hidden_size: int = 32, n
                          eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(config, attn_implementation="eager")
+        model = LlamaForCausalLM._from_config(config, attn_implementation=_wide_attention() if dtype == "float64"
+                                              else "eager")
+    if dtype == "float64":
+        _norms_in_input_dtype(model)
     return _prepare(model, tokenizer, f"tiny-llama-{n_layers}x{hidden_size}", "cpu", _DTYPES[dtype])
+
+
+def _norms_in_input_dtype(model) -> None:
+    """transformers' LlamaRMSNorm normalises in float32 whatever its input: a float64 model then rounds
+    every hidden state to float32 once per norm, and two computations of the same gradient agree only as
+    far as float32 rounding does (which depends on the thread count). Its norms are switched to a subclass
+    that normalises in the input's dtype and its attention takes the softmax in that dtype
+    (:func:`_attention_in_input_dtype`), so that float64 means float64 throughout."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for module in model.modules():
+        if type(module) is LlamaRMSNorm:
+            module.__class__ = _input_dtype_norm_class()
+
+
+def _rms_norm_in_input_dtype(self, hidden_states: Tensor) -> Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _attention_in_input_dtype(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float,
+                              dropout: float = 0.0, **kwargs):
+    """Eager attention with its softmax in the queries' dtype (transformers' eager path takes it in float32)."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+@functools.lru_cache(maxsize=1)
+def _wide_attention() -> str:
+    """The name under which :func:`_attention_in_input_dtype` is registered with transformers (eager masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    name = "imprint_input_dtype_eager"
+    AttentionInterface.register(name, _attention_in_input_dtype)
+    AttentionMaskInterface.register(name, eager_mask)
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _input_dtype_norm_class():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return type("InputDtypeRMSNorm", (LlamaRMSNorm,), {"forward": _rms_norm_in_input_dtype,
+                                                         "__module__": __name__})
 
 
 @dataclass(frozen=True)
