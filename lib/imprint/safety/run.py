@@ -614,31 +614,12 @@ def target_verdict(summary: Mapping[str, tuple[float, float, float]], reduction_
             "accuracy_drop": drop, "accuracy_kept": kept, "met": met, "text": text}
 
 
-def plot_attacks(summary: Mapping[str, tuple[float, float, float]], attacks: Sequence[str] = ATTACKS):
+def _before_after_bars(summary: Mapping[str, tuple[float, float, float]], names: Sequence[str],
+                       labels: Sequence[str]):
+    """Bars of ``summary[f"{name}_before"]`` and ``_after`` (mean, low, high) per name, with their intervals."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    x = np.arange(len(attacks))
-    for dx, when, label in ((-0.2, "before", "refusal fine-tuning"), (0.2, "after", "rerouted")):
-        m = np.array([summary[f"{a}_{when}"][0] for a in attacks])
-        lo = np.array([summary[f"{a}_{when}"][1] for a in attacks])
-        hi = np.array([summary[f"{a}_{when}"][2] for a in attacks])
-        ax.bar(x + dx, m, 0.4, label=label)
-        ax.errorbar(x + dx, m, yerr=[m - lo, hi - m], fmt="none", ecolor="k", capsize=2, lw=0.8)
-    ax.set_xticks(x, [a.replace("_", "\n") for a in attacks], fontsize=7)
-    ax.set_ylabel("attack success")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def plot_benign(summary: Mapping[str, tuple[float, float, float]], skills: Sequence[str]):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [f"accuracy_{s}" for s in skills] + ["benign_accuracy", "lookalike_accuracy", "over_refusal",
-                                                 "benign_garble"]
     fig, ax = plt.subplots(figsize=(8, 3.2))
     x = np.arange(len(names))
     for dx, when, label in ((-0.2, "before", "refusal fine-tuning"), (0.2, "after", "rerouted")):
@@ -647,9 +628,22 @@ def plot_benign(summary: Mapping[str, tuple[float, float, float]], skills: Seque
         hi = np.array([summary[f"{n}_{when}"][2] for n in names])
         ax.bar(x + dx, m, 0.4, label=label)
         ax.errorbar(x + dx, m, yerr=[m - lo, hi - m], fmt="none", ecolor="k", capsize=2, lw=0.8)
-    ax.set_xticks(x, [n.replace("accuracy_", "").replace("_", "\n") for n in names], fontsize=7)
+    ax.set_xticks(x, list(labels), fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
+    return fig, ax
+
+
+def plot_attacks(summary: Mapping[str, tuple[float, float, float]], attacks: Sequence[str] = ATTACKS):
+    fig, ax = _before_after_bars(summary, attacks, [a.replace("_", "\n") for a in attacks])
+    ax.set_ylabel("attack success")
+    return fig
+
+
+def plot_benign(summary: Mapping[str, tuple[float, float, float]], skills: Sequence[str]):
+    names = [f"accuracy_{s}" for s in skills] + ["benign_accuracy", "lookalike_accuracy", "over_refusal",
+                                                 "benign_garble"]
+    fig, _ = _before_after_bars(summary, names, [n.replace("accuracy_", "").replace("_", "\n") for n in names])
     return fig
 
 
