@@ -208,3 +208,15 @@ def test_variants_with_the_tiny_model_end_to_end(tmp_path, lm):
     assert gen[0].instruction == para[0].instruction and gen[0].answer.strip()
     with pytest.raises(ValueError, match="paraphraser"):
         paraphrase_examples(examples, None, method="llm", cache_path=tmp_path / "w.jsonl")
+
+
+def test_python_docs_answers_tokenise_alike_after_the_assistant_header(docs, lm):
+    # A grammar block opening with spaces merged with the header's newline into one token when the
+    # conversation was tokenised whole, unlike the prompt and answer apart: fine-tuning texts then refused.
+    from imprint.gradients.experiment import sft_texts
+
+    assert all(e.answer == e.answer.strip() and e.instruction == e.instruction.strip() for e in docs)
+    grammar = [e for e in docs if e.id.startswith(("topics/yield/", "topics/async/"))]
+    assert grammar
+    texts, prompts = sft_texts(lm.tokenizer, grammar, 256)
+    assert len(texts) == len(grammar) and all(p > 0 for p in prompts)

@@ -252,7 +252,7 @@ def _normalise(text: str) -> str:
 def python_docs_examples(min_answer_chars: int = 120, max_answer_chars: int = 700) -> list[InstructionExample]:
     """All deduplicated instruction/answer pairs from this interpreter's documentation, in a fixed order.
 
-    A pair is dropped when its answer is shorter than ``min_answer_chars`` or when its normalised answer
+    Instructions and answers are stripped of surrounding whitespace. A pair is dropped when its answer is shorter than ``min_answer_chars`` or when its normalised answer
     or instruction repeats an earlier one (inherited docstrings, aliases). The order is that of
     ``sha256(id)``: fixed for a given interpreter and free of module-by-module runs, so any prefix is a
     fair sample.
@@ -261,6 +261,9 @@ def python_docs_examples(min_answer_chars: int = 120, max_answer_chars: int = 70
     require_int("max_answer_chars", max_answer_chars, minimum=min_answer_chars)
     seen_answers, seen_instructions, kept = set(), set(), []
     for pair in _topic_pairs(max_answer_chars) + _docstring_pairs(max_answer_chars):
+        # as load_lima_jsonl does: an answer opening with whitespace (an indented grammar block) tokenises
+        # differently after the assistant header than apart from it
+        pair = replace(pair, instruction=pair.instruction.strip(), answer=pair.answer.strip())
         answer_key, instruction_key = _normalise(pair.answer), _normalise(pair.instruction)
         if len(pair.answer) < min_answer_chars or answer_key in seen_answers or instruction_key in seen_instructions:
             continue
