@@ -62,6 +62,7 @@ def test_a_parameter_naming_its_default_while_unused_is_accepted(declared):
     ("path: {help: x, path: folder}", "path='folder': expected one of"),
     ("path: {help: x, when: {m: 1}}", "'when' must map parameters of the notebook"),
     ("n: {help: x, member_of: name}", "member_of='name': expected a list parameter"),
+    ("n: {help: x, at_most: name}", "at_most='name': expected a numeric parameter"),
 ])
 def test_a_malformed_schema_is_refused_naming_the_entry(project, entry, match):
     (project / "params" / "99_toy.yaml").write_text(f"schema:\n  {entry}\n")
@@ -74,6 +75,15 @@ def test_member_of_names_the_list(project):
     assert resolve_run("99_toy", overrides={"n": 4}, root=project).parameters["n"] == 4
     with pytest.raises(ParameterError, match=r"n=3: expected an element of widths=\[4, 4\]"):
         resolve_run("99_toy", root=project)
+
+
+def test_at_most_bounds_a_value_by_another_parameter(project):
+    (project / "params" / "99_toy.yaml").write_text("schema:\n  widths: {help: y, at_most: n}\n")
+    assert resolve_run("99_toy", overrides={"widths": [2, 3]}, root=project).parameters["widths"] == [2, 3]
+    assert resolve_run("99_toy", overrides={"n": 4}, root=project).parameters["n"] == 4
+    with pytest.raises(ParameterError, match=r"widths\[0\]=4: expected at most n=3"):
+        resolve_run("99_toy", root=project)
+    assert load_spec("99_toy", project).schema()["widths"].summary() == "<= n"
 
 
 def test_list_shows_one_line_per_parameter(declared, monkeypatch, capsys):

@@ -12,7 +12,9 @@ description and its constraints::
 ``min`` / ``max`` (inclusive), ``above`` (strict lower bound) and ``choices`` apply to the value, or to
 every item of a list; ``min_items`` to a list's length; ``path`` (``file``, ``directory`` or ``any``) says
 the value names a local path that must exist (an empty value or ``None`` is the default's meaning and is
-not checked); ``member_of`` names a list parameter that must contain the value; ``when`` maps other
+not checked); ``member_of`` names a list parameter that must contain the value; ``at_most`` names a
+numeric parameter that bounds the value (or every item) from above, e.g. a batch size by the set it
+draws from; ``when`` maps other
 parameters to the values under which this one applies: given a value other than its default while it
 does not apply, it is refused, naming the parameter it depends on. ``required`` asks for a non-empty
 value whenever the parameter applies. The runner checks these before papermill starts; ``imprint list
@@ -28,7 +30,7 @@ from typing import Any, Mapping
 from imprint.runtime.checks import require_choice, require_path, require_range
 
 PATH_KINDS = {"file": "file", "directory": "directory", "any": "file or directory"}
-KEYS = {"help", "min", "max", "above", "choices", "min_items", "path", "member_of", "when", "required"}
+KEYS = {"help", "min", "max", "above", "choices", "min_items", "path", "member_of", "at_most", "when", "required"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Declaration:
     member_of: str | None = None
     when: dict[str, tuple] = field(default_factory=dict)
     required: bool = False
+    at_most: str | None = None
 
     def summary(self) -> str:
         """The constraints in a few words, e.g. ``>= 2``, ``one of ['a', 'b']``, ``existing directory``."""
@@ -62,6 +65,8 @@ class Declaration:
             parts.append(f"at least {self.min_items} item{'s' if self.min_items != 1 else ''}")
         if self.member_of:
             parts.append(f"an element of {self.member_of}")
+        if self.at_most:
+            parts.append(f"<= {self.at_most}")
         if self.path:
             parts.append(("path of an existing " if self.required else "empty, or an existing ") + PATH_KINDS[self.path])
         if self.when:
@@ -95,12 +100,16 @@ def parse_schema(section: Any, defaults: Mapping[str, Any], source: str) -> dict
             raise ValueError(f"{where}: 'when' must map parameters of the notebook to their values")
         if entry.get("member_of") is not None and not isinstance(defaults.get(entry["member_of"]), list):
             raise ValueError(f"{where}: member_of={entry['member_of']!r}: expected a list parameter")
+        bound = entry.get("at_most")
+        if bound is not None and (bound not in defaults or isinstance(defaults[bound], bool)
+                                  or not isinstance(defaults[bound], (int, float))):
+            raise ValueError(f"{where}: at_most={bound!r}: expected a numeric parameter of the notebook")
         choices = entry.get("choices")
         declarations[name] = Declaration(
             name, " ".join(entry["help"].split()), entry.get("min"), entry.get("max"), entry.get("above"),
             None if choices is None else tuple(choices), entry.get("min_items"), entry.get("path"),
             entry.get("member_of"), {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()},
-            bool(entry.get("required", False)))
+            bool(entry.get("required", False)), bound)
     return declarations
 
 
@@ -143,6 +152,12 @@ def check_declared(declarations: Mapping[str, Declaration], parameters: Mapping[
                 raise ValueError(f"{name}={value!r}: expected at least {d.min_items} item(s)")
             for index, item in enumerate(items):
                 _check_value(d, f"{name}[{index}]" if isinstance(value, list) else name, item)
+            if d.at_most is not None:
+                limit = parameters[d.at_most]
+                for index, item in enumerate(items):
+                    if isinstance(item, (int, float)) and isinstance(limit, (int, float)) and item > limit:
+                        shown = f"{name}[{index}]" if isinstance(value, list) else name
+                        raise ValueError(f"{shown}={item!r}: expected at most {d.at_most}={limit!r}")
             if d.member_of is not None and value not in parameters[d.member_of]:
                 raise ValueError(f"{name}={value!r}: expected an element of "
                                  f"{d.member_of}={parameters[d.member_of]!r}")
