@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from imprint.bridge.experiment import (CellOptions, LoRAView, SettingOptions, attack_works, check_adapter,
+from imprint.bridge.experiment import (CELL_FILE, CellOptions, LoRAView, SettingOptions, attack_works, check_adapter,
                                        check_cell, check_decoder, interval, natural_patches, prepare_setting,
                                        run_cell, summary_table)
 from imprint.bridge.inversion import model_gradients
@@ -87,6 +87,7 @@ def test_a_killed_pair_generation_resumes_to_identical_shards(setting, tmp_path)
     opts = CellOptions(rank=2, **FAST)
     whole = run_cell(setting, opts, tmp_path / "whole", ("lora",))
     shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    (tmp_path / "killed" / CELL_FILE).unlink()                                 # killed before the cell ended
     (tmp_path / "killed" / "shard-00001.safetensors").write_bytes(b"partial")  # a shard cut short
     (tmp_path / "killed" / "shard-00002.safetensors").unlink()                 # one never written
     resumed = run_cell(setting, opts, tmp_path / "killed", ("lora",))
@@ -94,6 +95,26 @@ def test_a_killed_pair_generation_resumes_to_identical_shards(setting, tmp_path)
         name = f"shard-{k:05d}.safetensors"
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert resumed.record == whole.record
+
+
+def test_a_finished_cell_is_read_back_and_another_cell_is_not(setting, tmp_path, monkeypatch):
+    import imprint.bridge.experiment as experiment
+
+    opts = CellOptions(rank=2, **FAST)
+    done = run_cell(setting, opts, tmp_path / "cell", ("true", "lora"))
+    compute = experiment._compute_cell
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed a finished cell")
+
+    monkeypatch.setattr(experiment, "_compute_cell", refuse)
+    again = run_cell(setting, opts, tmp_path / "cell", ("true", "lora"))
+    assert again.record == done.record and torch.equal(again.private, done.private.cpu())
+    for a in ("true", "lora"):
+        assert torch.equal(again.images[a], done.images[a].cpu())
+    with pytest.raises(AssertionError, match="recomputed"):   # other options: the file is not theirs
+        run_cell(setting, CellOptions(rank=2, **{**FAST, "invert_steps": 16}), tmp_path / "cell", ("true", "lora"))
+    monkeypatch.setattr(experiment, "_compute_cell", compute)
 
 
 def test_the_rule_and_the_intervals():

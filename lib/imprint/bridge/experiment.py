@@ -457,15 +457,38 @@ def _split_pairs(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return order[n_test:].sort().values, order[:n_test].sort().values
 
 
+CELL_FILE = "cell.safetensors"
+
+
 def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
              attacks: Sequence[str] = ATTACKS) -> CellResult:
     """One rank and one proxy distribution on ``setting`` (see the module's docstring). ``folder`` holds the
-    proxy pairs' shards (resumed when present). ``attacks`` chooses among :data:`ATTACKS`; the ``_sds``
-    ones run only when ``options.sds_weight > 0``. The true-gradient and random attacks do not depend on
-    the rank or the proxy, and are computed once per setting and batch size; the direct attacks once per rank."""
+    proxy pairs' shards (resumed when present) and, once the cell is done, its result (``cell.safetensors``,
+    written atomically): a later call with the same setting options, seed, cell options and attacks reads
+    it back instead of computing, so a killed run resumes at its first unfinished cell. ``attacks`` chooses
+    among :data:`ATTACKS`; the ``_sds`` ones run only when ``options.sds_weight > 0``. The true-gradient and
+    random attacks do not depend on the rank or the proxy, and are computed once per setting and batch
+    size; the direct attacks once per rank."""
     check_cell(setting, options)
     for a in attacks:
         require_choice("attacks", a, ATTACKS)
+    from imprint.runtime.io import _to_jsonable, atomic_save_tensors, load_tensor_metadata, load_tensors
+
+    key = _to_jsonable({"setting": asdict(setting.options), "seed": setting.seed, "cell": cell_options_dict(options),
+                        "attacks": list(attacks)})
+    path = Path(folder) / CELL_FILE
+    if path.is_file() and load_tensor_metadata(path).get("key") == key:
+        meta, tensors = load_tensor_metadata(path), load_tensors(path)
+        record = {k: (math.nan if v is None else v) for k, v in meta["record"].items()}
+        images = {k[len("images."):]: v for k, v in tensors.items() if k.startswith("images.")}
+        return CellResult(record, images, tensors["private"])
+    result = _compute_cell(setting, options, folder, attacks)
+    atomic_save_tensors(path, {**{f"images.{a}": v for a, v in result.images.items()}, "private": result.private},
+                        {"key": key, "record": result.record})
+    return result
+
+
+def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, attacks: Sequence[str]) -> CellResult:
     model, s, dev, seed = setting.model, setting.splits, setting.device, setting.seed
     layers = lora_targets(model)
     params = dict(model.named_parameters())
