@@ -3,9 +3,12 @@ against float64 loops over layers, rows and positions (with inputs on which a wr
 another value), the coefficient schedule, the LoRA wrapper over a tiny from-scratch Llama (adapter off is
 the base model exactly, layer dropping, generation, the merged save and its reload), and a few rerouting
 steps that lower the cosine at the target layers on the circuit-breaker batch while the retain states
-stay put."""
+stay put; the embedding-space adversary of the resistant variant (its response loss against a plain
+forward pass, its bound, the weights it leaves alone, and the step it feeds), and the plain step it must
+leave as it was."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 from imprint.safety import (CircuitBreakerConfig, CircuitBreakerModel, check_batch, check_records,
                             circuit_breaker_loss, coefficients, masked_cosine, rerouting_step, retain_loss,
                             truncated_layers)
+from imprint.safety.circuit_breakers import embedding_adversary, response_loss
 
 VOCAB = 100
 
@@ -179,11 +183,15 @@ def test_config_defaults_and_refusals():
     config = CircuitBreakerConfig()
     assert config.target_layers == (10, 20) and config.transformed_layers == tuple(range(21))
     assert config.kept_blocks == 21 and config.alpha == 10.0 and config.max_steps == 150
+    assert config.adversarial_steps == 0                     # the plain method unless asked
     assert CircuitBreakerConfig(target_layers=[20, 10]).target_layers == (10, 20)
     for field, value in [("target_layers", ()), ("target_layers", (0,)), ("target_layers", (3, 3)),
                          ("lora_rank", 0), ("lora_alpha", 0), ("lora_dropout", 1.0), ("lora_target_modules", ()),
                          ("lora_target_modules", "q_proj"), ("layers_to_transform", (25,)), ("alpha", -1.0),
-                         ("max_steps", 0), ("batch_size", 0), ("lr", 0.0), ("max_length", 1)]:
+                         ("max_steps", 0), ("batch_size", 0), ("lr", 0.0), ("max_length", 1),
+                         ("adversarial_steps", -1), ("adversarial_lr", 0.0), ("adversarial_lr", -1e-3),
+                         ("adversarial_lr", float("inf")), ("adversarial_radius", 0.0),
+                         ("adversarial_radius", float("nan"))]:
         with pytest.raises(ValueError, match=field):
             CircuitBreakerConfig(**{field: value})
 
@@ -331,3 +339,186 @@ def test_rerouting_step_refuses_bad_batches():
         rerouting_step(cb, batch(50, VOCAB), empty, config, 1, optimizer)
     with pytest.raises(ValueError, match="step"):
         rerouting_step(cb, batch(50, VOCAB), batch(3, 50), config, 21, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedding-space adversary (the resistant variant)
+
+
+RESPONSE = 5  # the last positions of every row are its response
+
+
+def with_responses(data, n=RESPONSE):
+    response = torch.zeros_like(data["attention_mask"])
+    response[:, -n:] = 1
+    return dict(data, response_mask=response)
+
+
+def adapted_llama(config, seed=0):
+    """A tiny Llama with the adapter of ``config``, its LoRA initialised from ``seed`` and B nonzero (so that
+    the adapted model differs from the frozen one)."""
+    torch.manual_seed(seed)
+    cb = CircuitBreakerModel(tiny_llama(seed=seed), config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in cb.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return cb
+
+
+def trainable_state(cb):
+    return {n: p.detach().clone() for n, p in cb.model.named_parameters() if p.requires_grad}
+
+
+def loop_response_loss(cb, data):
+    """The mean cross-entropy of the response tokens, one row and one token at a time, from a forward pass
+    on the token ids (adapter on, eval mode)."""
+    total, count = 0.0, 0
+    for row in range(data["input_ids"].shape[0]):
+        ids, mask = data["input_ids"][row:row + 1], data["attention_mask"][row:row + 1]
+        log_p = torch.log_softmax(cb.logits(ids, mask)[0].double(), dim=-1)
+        for t in range(1, ids.shape[1]):
+            if data["response_mask"][row, t]:
+                total -= float(log_p[t - 1, ids[0, t]])
+                count += 1
+    return total / count
+
+
+def test_the_response_loss_is_the_cross_entropy_of_the_response_tokens():
+    config = small_config()
+    cb = adapted_llama(config)
+    cb.model.eval()
+    data = with_responses(batch(3, VOCAB, seed=4))
+    with torch.no_grad():
+        embeds = cb.model.get_input_embeddings()(data["input_ids"])
+        got = response_loss(cb, embeds, data["attention_mask"], data["input_ids"], data["response_mask"])
+        assert float(got) == pytest.approx(loop_response_loss(cb, data), rel=1e-5)
+
+
+def test_without_adversarial_steps_the_step_is_the_plain_one():
+    """adversarial_steps = 0: the response mask, adversarial_lr and adversarial_radius change nothing, the
+    adversary's fields are NaN, and the step is the plain loss computed here by hand followed by AdamW."""
+    plain = small_config()
+    other = small_config(adversarial_steps=0, adversarial_lr=0.5, adversarial_radius=3.0)
+    batch_cb, batch_retain = batch(50, VOCAB, seed=1), batch(3, 50, seed=2)
+    runs = []
+    for config, data in ((plain, batch_cb), (other, with_responses(batch_cb))):
+        cb = adapted_llama(config)
+        optimizer = cb.optimizer()
+        parts = [rerouting_step(cb, data, batch_retain, config, step, optimizer) for step in (1, 2)]
+        runs.append((parts, trainable_state(cb)))
+    (parts_a, state_a), (parts_b, state_b) = runs
+    assert [dataclasses.astuple(p)[:6] for p in parts_a] == [dataclasses.astuple(p)[:6] for p in parts_b]
+    assert all(math.isnan(p.adversary_before) and math.isnan(p.adversary_after) for p in parts_a + parts_b)
+    assert all(torch.equal(state_a[n], state_b[n]) for n in state_a)
+
+    cb = adapted_llama(plain)                               # the first step by hand
+    optimizer = torch.optim.AdamW(cb.trainable_parameters(), lr=plain.lr, weight_decay=0.0)
+    c_r, c_s = coefficients(1, plain.max_steps, plain.alpha)
+    layers, n = list(plain.target_layers), plain.kept_blocks
+    ids, mask = batch_cb["input_ids"], batch_cb["attention_mask"]
+    r_ids, r_mask = batch_retain["input_ids"], batch_retain["attention_mask"]
+    cb.model.eval()
+    with torch.no_grad():
+        frozen_r = cb.hidden_states(r_ids, r_mask, adapter=False, n_blocks=n)
+        frozen_cb = cb.hidden_states(ids, mask, adapter=False, layers=layers, n_blocks=n)
+    cb.model.train()
+    loss = (0.0 + c_r * retain_loss(cb.hidden_states(r_ids, r_mask, n_blocks=n), frozen_r, r_mask)
+            + c_s * circuit_breaker_loss(cb.hidden_states(ids, mask, layers=layers, n_blocks=n), frozen_cb, mask))
+    loss.backward()
+    optimizer.step()
+    assert float(loss.detach()) == parts_a[0].total
+    first = adapted_llama(plain)
+    rerouting_step(first, batch_cb, batch_retain, plain, 1, first.optimizer())
+    mine, theirs = trainable_state(cb), trainable_state(first)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_the_adversary_lowers_the_response_loss_inside_its_bound_and_leaves_the_weights():
+    config = small_config(adversarial_steps=6, adversarial_lr=0.02, adversarial_radius=0.05)
+    cb = adapted_llama(config)
+    cb.model.train()
+    data = with_responses(batch(50, VOCAB, seed=1))
+    before = trainable_state(cb)
+    found = embedding_adversary(cb, data, config)
+    assert cb.model.training                                 # its mode is put back
+    assert all(torch.equal(before[n], p) for n, p in cb.model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for p in cb.trainable_parameters())
+    assert found.loss_after < found.loss_before              # it attacks
+    cb.model.eval()
+    assert found.loss_before == pytest.approx(loop_response_loss(cb, data), rel=1e-5)
+    delta = found.delta
+    assert delta.shape == (*data["input_ids"].shape, 32)
+    assert float(delta.abs().max()) <= config.adversarial_radius + 1e-7
+    request = (data["attention_mask"].bool() & ~data["response_mask"].bool())
+    assert torch.all(delta[~request] == 0)                   # answers and padding are never perturbed
+    assert float(delta[request].abs().max()) == pytest.approx(config.adversarial_radius)
+    with torch.no_grad():                                    # the loss it reports is the one at its delta
+        embeds = cb.model.get_input_embeddings()(data["input_ids"]) + delta
+        again = response_loss(cb, embeds, data["attention_mask"], data["input_ids"], data["response_mask"])
+    assert float(again) == pytest.approx(found.loss_after, rel=1e-6)
+
+
+def test_the_resistant_step_reroutes_the_perturbed_inputs_with_the_plain_gradient():
+    """The step with the adversary inside equals the step given the adversary's delta, and its parameter
+    gradient is the plain loss's on the perturbed embeddings, computed here on a model the adversary
+    never ran on."""
+    config = small_config(adversarial_steps=3, adversarial_lr=0.02, adversarial_radius=0.05)
+    batch_cb, batch_retain = with_responses(batch(50, VOCAB, seed=1)), batch(3, 50, seed=2)
+    fixed = adapted_llama(config)
+    found = embedding_adversary(fixed, batch_cb, config)
+    got_fixed = rerouting_step(fixed, batch_cb, batch_retain, config, 1, fixed.optimizer(), delta=found.delta)
+    inner = adapted_llama(config)
+    got = rerouting_step(inner, batch_cb, batch_retain, config, 1, inner.optimizer())
+    assert (got.adversary_before, got.adversary_after) == (found.loss_before, found.loss_after)
+    assert math.isnan(got_fixed.adversary_before)
+    assert dataclasses.astuple(got)[:6] == dataclasses.astuple(got_fixed)[:6]
+    a, b = trainable_state(fixed), trainable_state(inner)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+    cb = adapted_llama(config)
+    c_r, c_s = coefficients(1, config.max_steps, config.alpha)
+    layers, n = list(config.target_layers), config.kept_blocks
+    mask, r_ids, r_mask = batch_cb["attention_mask"], batch_retain["input_ids"], batch_retain["attention_mask"]
+    with torch.no_grad():
+        embeds = cb.model.get_input_embeddings()(batch_cb["input_ids"]) + found.delta
+        cb.model.eval()
+        frozen_r = cb.hidden_states(r_ids, r_mask, adapter=False, n_blocks=n)
+        frozen_cb = cb.hidden_states(None, mask, adapter=False, layers=layers, n_blocks=n, inputs_embeds=embeds)
+        cb.model.train()
+    part_cb = circuit_breaker_loss(cb.hidden_states(None, mask, layers=layers, n_blocks=n, inputs_embeds=embeds),
+                                   frozen_cb, mask)
+    loss = c_r * retain_loss(cb.hidden_states(r_ids, r_mask, n_blocks=n), frozen_r, r_mask) + c_s * part_cb
+    loss.backward()
+    assert float(part_cb) == pytest.approx(got.circuit_breaker, rel=1e-6)
+    plain_part = rerouting_step(adapted_llama(small_config()), batch_cb, batch_retain, small_config(), 1,
+                                torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)).circuit_breaker
+    assert abs(plain_part - got.circuit_breaker) > 1e-4      # the perturbation changes the term
+    grads = {name: p.grad for name, p in cb.model.named_parameters() if p.requires_grad}
+    for name, p in inner.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_the_resistant_step_refuses_a_batch_without_its_responses():
+    config = small_config(adversarial_steps=2)
+    cb = CircuitBreakerModel(tiny_llama(), config)
+    optimizer = cb.optimizer()
+    data, retain = batch(50, VOCAB), batch(3, 50)
+    with pytest.raises(ValueError, match="response_mask"):
+        rerouting_step(cb, data, retain, config, 1, optimizer)
+    padded = with_responses(data, n=12)                      # marks the left padding of rows 1 and 3
+    with pytest.raises(ValueError, match="marks padded positions"):
+        rerouting_step(cb, padded, retain, config, 1, optimizer)
+    whole = data["attention_mask"].clone()
+    whole[[0, 2], :2] = 0                                    # row 1 is all response
+    with pytest.raises(ValueError, match="every token of row 1"):
+        embedding_adversary(cb, dict(data, response_mask=whole), config)
+    first = with_responses(data)
+    first["response_mask"][0, 0] = 1
+    with pytest.raises(ValueError, match="first position"):
+        embedding_adversary(cb, first, config)
+    with pytest.raises(ValueError, match="delta of shape"):
+        rerouting_step(cb, with_responses(data), retain, config, 1, optimizer, delta=torch.zeros(4, 12, 8))
+    assert all(p.grad is None for p in cb.trainable_parameters())

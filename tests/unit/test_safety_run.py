@@ -150,3 +150,111 @@ def test_prefilled_refusals_carry_the_loss_on_the_refusal_only(one_torch_thread)
 def test_the_adversarial_baseline_is_evaluated_on_every_attack(one_torch_thread):
     result = run_seed(tiny_options(adversarial_baseline=True, max_length=128), 0, None)
     assert {f"{a}_adversarial" for a in run_module.ATTACKS} <= set(result.metrics)
+
+
+def resistant_config(**overrides):
+    options = dict(target_layers=(1,), lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, alpha=10.0, max_steps=3,
+                   batch_size=2, lr=1e-2, max_length=96, adversarial_steps=2, adversarial_lr=0.01,
+                   adversarial_radius=0.02)
+    options.update(overrides)
+    return CircuitBreakerConfig(**options)
+
+
+def test_the_resistant_variant_reuses_stages_1_and_2_and_faces_every_attack(tmp_path, monkeypatch, one_torch_thread):
+    plain = run_seed(tiny_options(), 0, tmp_path)
+    assert not [k for k in plain.metrics if k.endswith("_resistant")] and plain.resistant_losses == []
+    (stage3,) = (tmp_path / "stage3").iterdir()
+    assert set(json.loads((stage3 / "losses.json").read_text())[0]) == {  # the plain record, as before
+        "total", "retain", "circuit_breaker", "c_retain", "c_circuit_breaker", "cb_cosine"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage was trained again")
+
+    monkeypatch.setattr(run_module, "supervised_stage", no_training)  # stages 1 and 2 come from the cache
+    monkeypatch.setattr(run_module, "reroute", no_training)           # and so does the plain stage 3
+    both = run_seed(tiny_options(resistant=resistant_config()), 0, tmp_path)
+    assert {f"{a}_resistant" for a in run_module.ATTACKS} <= set(both.metrics)
+    assert {"benign_accuracy_resistant", "over_refusal_resistant", "perplexity_resistant"} <= set(both.metrics)
+    assert {k: v for k, v in both.metrics.items() if not k.endswith("_resistant")} == plain.metrics
+    assert [len(list((tmp_path / s).iterdir())) for s in ("stage1", "stage2", "stage3")] == [1, 1, 2]
+    assert len(both.resistant_losses) == 3 and "cosine_hazard_resistant" in both.layers
+    for x in both.resistant_losses:
+        assert 0 < x["adversary_after"] <= x["adversary_before"] + 1.0 and x["adversary_after"] == x["adversary_after"]
+    mean_after = sum(x["adversary_after"] for x in both.resistant_losses) / 3
+    assert both.metrics["adversary_after_resistant"] == pytest.approx(mean_after)
+    monkeypatch.setattr(run_module, "reroute_with_responses", no_training)  # resumable: nothing trains again
+    again = run_seed(tiny_options(resistant=resistant_config()), 0, tmp_path)
+    assert again.metrics == both.metrics and again.resistant_losses == both.resistant_losses
+
+
+def test_rerouting_with_responses_marks_the_answers_and_without_the_adversary_is_plain_rerouting(monkeypatch,
+                                                                                              one_torch_thread):
+    import torch
+
+    import imprint.safety.circuit_breakers as cb_module
+    from imprint.safety.experiment import conversation_batch, conversations, reroute
+    from imprint.safety.run import base_model, reroute_with_responses
+
+    options = tiny_options()
+    splits = make_domain(options.domain).splits
+    runs = []
+    for fn in (reroute, reroute_with_responses):   # the adversary off: the same batches and the same steps
+        model, tokenizer = base_model(options, 0)
+        torch.manual_seed(0)
+        runs.append(fn(model, tokenizer, splits["circuit_breaker"], splits["retain"], options.circuit_breaker,
+                       seed=0, max_length=96))
+    assert runs[0].losses == runs[1].losses
+    seen, real = [], cb_module.rerouting_step
+    monkeypatch.setattr(cb_module, "rerouting_step", lambda m, b, *a, **k: seen.append(b) or real(m, b, *a, **k))
+    model, tokenizer = base_model(options, 0)
+    reroute_with_responses(model, tokenizer, splits["circuit_breaker"], splits["retain"], resistant_config(),
+                           seed=0, max_length=96)
+    assert len(seen) == 3
+    texts, counts = conversations(tokenizer, splits["circuit_breaker"], 96)
+    rows = {tuple(conversation_batch(tokenizer, [t], "cpu")["input_ids"][0].tolist()): (e, n)
+            for e, t, n in zip(splits["circuit_breaker"], texts, counts)}
+    for b in seen:
+        for row in range(b["input_ids"].shape[0]):
+            ids = b["input_ids"][row][b["attention_mask"][row].bool()].tolist()
+            example, n = rows[tuple(ids)]
+            response = b["response_mask"][row].tolist()
+            assert response[:n] == [0] * n and response[n:len(ids)] == [1] * (len(ids) - n)
+            assert tokenizer.decode(ids[n:]).strip().startswith(example.response.strip()[:10])
+
+
+def test_a_resistant_variant_without_an_adversary_or_beyond_the_model_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="resistant.adversarial_steps=0"):
+        tiny_options(resistant=resistant_config(adversarial_steps=0))
+    monkeypatch.setattr(run_module, "supervised_stage", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=r"resistant.target_layers=\[1, 2\]: the model has 2 decoder blocks"):
+        run_seed(tiny_options(resistant=resistant_config(target_layers=(1, 2))), 0, tmp_path)
+
+
+def test_the_resistance_rule_asks_for_separated_intervals_and_kept_accuracy():
+    from imprint.safety.run import resistant_verdict
+
+    def summary(plain, variant, accuracy=0.9):
+        return {"embedding_signed_after": plain, "embedding_signed_resistant": variant,
+                "benign_accuracy_before": (0.9, 0.85, 0.95), "benign_accuracy_resistant": (accuracy,) * 3}
+
+    assert resistant_verdict(summary((0.9, 0.8, 1.0), (0.2, 0.1, 0.3)))["met"]
+    overlap = resistant_verdict(summary((0.9, 0.5, 1.0), (0.4, 0.2, 0.6)))
+    assert not overlap["met"] and not overlap["separated"] and "overlaps" in overlap["text"]
+    costly = resistant_verdict(summary((0.9, 0.8, 1.0), (0.2, 0.1, 0.3), accuracy=0.85))
+    assert not costly["met"] and not costly["accuracy_kept"] and "does not stay" in costly["text"]
+    nothing = resistant_verdict(summary((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)))
+    assert not nothing["met"] and not nothing["measurable"] and "nothing for the variant to resist" in nothing["text"]
+    with pytest.raises(ValueError, match="embedding_signed_resistant"):
+        resistant_verdict({"embedding_signed_after": (0.5,) * 3})
+
+
+def test_the_variant_report_states_its_numbers_or_that_it_was_not_run():
+    from imprint.safety.run import resistant_report
+
+    assert "not run" in resistant_report({"embedding_signed_after": (0.5,) * 3})["text"]
+    names = ["embedding_signed", "embedding_sgd", "gcg", "prefill", "direct", "benign_accuracy", "over_refusal"]
+    summary = {f"{n}_{w}": (0.5, 0.25, 0.75) for n in names for w in ("before", "after", "resistant")}
+    summary.update(adversary_before_resistant=(2.0,) * 3, adversary_after_resistant=(1.5,) * 3)
+    report = resistant_report(summary)
+    assert report["text"].startswith("the signed embedding attack succeeds on 0.50 [0.25, 0.75] on the variant")
+    assert "from 2 to 1.5 nats" in report["text"] and not report["met"] and "overlaps" in report["verdict_text"]

@@ -58,7 +58,16 @@ class CircuitBreakerConfig:
     are rerouted on the circuit-breaker set; ``layers_to_transform``: the decoder blocks that carry LoRA
     (``None``: blocks 0..max(target_layers), the reference's ``transform_layers="-1"``); ``max_length``:
     tokens per row (the reference pads retain rows to 1024 and circuit-breaker rows to 512 of request
-    plus 512 of response). Sequences are stored as sorted tuples."""
+    plus 512 of response). Sequences are stored as sorted tuples.
+
+    The embedding-space adversary (beyond the paper; off at ``adversarial_steps = 0``, the plain method):
+    before each step's losses, ``adversarial_steps`` signed-gradient steps of size ``adversarial_lr`` move a
+    perturbation δ of the circuit-breaker rows' input embeddings at their request positions so as to lower
+    the adapted model's cross-entropy on their response tokens (:func:`embedding_adversary`). δ stays in the
+    L∞ ball of radius ``adversarial_radius``, in the units of the embedding matrix: a signed step moves every
+    coordinate by exactly its size, so the evaluation's signed embedding attack, after k steps of size η,
+    lies in the L∞ ball of radius k·η, and a radius of ``embed_steps × embed_lr_signed`` covers its whole
+    reach in the same units."""
 
     target_layers: Sequence[int] = (10, 20)
     lora_rank: int = 16
@@ -71,6 +80,9 @@ class CircuitBreakerConfig:
     batch_size: int = 16
     lr: float = 1e-4
     max_length: int = 1024
+    adversarial_steps: int = 0
+    adversarial_lr: float = 1e-3
+    adversarial_radius: float = 0.1
 
     def __post_init__(self):
         target = _int_tuple("target_layers", self.target_layers, minimum=1)
@@ -97,6 +109,12 @@ class CircuitBreakerConfig:
         require_int("batch_size", self.batch_size, minimum=1)
         require_float("lr", self.lr, minimum=0.0, strict_minimum=True)
         require_int("max_length", self.max_length, minimum=2)
+        require_int("adversarial_steps", self.adversarial_steps, minimum=0)
+        require_float("adversarial_lr", self.adversarial_lr, minimum=0.0, strict_minimum=True)
+        require_float("adversarial_radius", self.adversarial_radius, minimum=0.0, strict_minimum=True)
+        for name in ("adversarial_lr", "adversarial_radius"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a finite number")
 
     @property
     def transformed_layers(self) -> tuple[int, ...]:
@@ -338,12 +356,16 @@ class CircuitBreakerModel:
         self._live()
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.config.lr, weight_decay=0.0)
 
-    def hidden_states(self, input_ids: Int[Tensor, "b s"], attention_mask: Shaped[Tensor, "b s"], *,
+    def hidden_states(self, input_ids: Int[Tensor, "b s"] | None, attention_mask: Shaped[Tensor, "b s"], *,
                       adapter: bool = True, layers: Sequence[int] | None = None,
-                      n_blocks: int | None = None) -> Float[Tensor, "l b s d"]:
+                      n_blocks: int | None = None,
+                      inputs_embeds: Float[Tensor, "b s d"] | None = None) -> Float[Tensor, "l b s d"]:
         """Stacked hidden states of ``layers`` (``None``: every state the forward returns) with the adapter
         on or off, running the first ``n_blocks`` decoder blocks (``None``: ``config.kept_blocks``, the
-        training truncation). Gradients flow unless the caller is under ``no_grad``."""
+        training truncation). ``inputs_embeds`` replaces the embeddings of ``input_ids`` (which may then be
+        ``None``). Gradients flow unless the caller is under ``no_grad``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("hidden_states: expected exactly one of input_ids and inputs_embeds")
         n_blocks = self.config.kept_blocks if n_blocks is None else n_blocks
         require_int("n_blocks", n_blocks, minimum=1, maximum=self.n_blocks)
         if layers is not None:
@@ -353,9 +375,9 @@ class CircuitBreakerModel:
         if not adapter:
             self._live()
         switch = self.model.disable_adapter() if not adapter else contextlib.nullcontext()
+        inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         with switch, truncated_layers(self.model, n_blocks):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                             use_cache=False)
+            out = self.model(**inputs, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         states = out.hidden_states
         return torch.stack(states if layers is None else [states[layer] for layer in layers])
 
@@ -410,7 +432,10 @@ class CircuitBreakerModel:
 @dataclass(frozen=True)
 class ReroutingLoss:
     """One step's loss and its parts (NaN for a part whose coefficient was 0 and was not computed), and the
-    mean cosine between adapted and frozen states at the target layers over the circuit-breaker tokens."""
+    mean cosine between adapted and frozen states at the target layers over the circuit-breaker tokens
+    (of the perturbed inputs when the adversary is on). ``adversary_before`` and ``adversary_after``: the
+    adapted model's mean cross-entropy per response token of the circuit-breaker batch at δ = 0 and at the
+    adversary's last δ (NaN when the adversary is off or was not run)."""
 
     total: float
     retain: float
@@ -418,10 +443,106 @@ class ReroutingLoss:
     c_retain: float
     c_circuit_breaker: float
     cb_cosine: float
+    adversary_before: float = math.nan
+    adversary_after: float = math.nan
+
+
+def check_response_mask(batch, name: str) -> Tensor:
+    """``batch["response_mask"]``, (batch, seq) 0/1: the response tokens of each row, the targets of the
+    embedding adversary. It must mark unpadded positions only, at least one, never a row's first position
+    (a response token is predicted from the one before it), and leave at least one request position to
+    perturb in every row; refused otherwise, naming ``name``."""
+    ids, mask = check_batch(batch, name)
+    if "response_mask" not in batch:
+        raise ValueError(f"{name}: expected a 'response_mask' (the response tokens of each row) when "
+                         "adversarial_steps > 0: the adversary lowers the cross-entropy of those tokens")
+    response = batch["response_mask"]
+    if not isinstance(response, Tensor) or response.shape != ids.shape:
+        raise ValueError(f"{name}['response_mask']: expected a tensor of the shape of input_ids {tuple(ids.shape)}")
+    _check_mask(f"{name}['response_mask']", response)
+    response = response.bool()
+    if bool((response & ~mask.bool()).any()):
+        raise ValueError(f"{name}['response_mask'] marks padded positions: expected response tokens only")
+    if bool(response[:, 0].any()):
+        raise ValueError(f"{name}['response_mask'] marks a row's first position: expected a token before "
+                         "every response token")
+    free = (mask.bool() & ~response).any(dim=1)
+    if not bool(free.all()):
+        row = int((~free).nonzero()[0, 0])
+        raise ValueError(f"{name}['response_mask'] marks every token of row {row}: expected request positions "
+                         "to perturb in every row")
+    return response
+
+
+def response_loss(model: CircuitBreakerModel, embeds: Float[Tensor, "b s d"], attention_mask: Shaped[Tensor, "b s"],
+                  input_ids: Int[Tensor, "b s"], response_mask: Shaped[Tensor, "b s"]) -> Float[Tensor, ""]:
+    """The mean cross-entropy over the response tokens of the whole model (every block, adapter on) run on
+    ``embeds``: token t of a row is scored by the logits at t - 1, as the embedding attack scores its
+    target answer."""
+    logits = model.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    target = response_mask.bool()[:, 1:]
+    pred = logits[:, :-1][target].float()
+    return torch.nn.functional.cross_entropy(pred, input_ids[:, 1:][target])
+
+
+@dataclass(frozen=True)
+class AdversaryResult:
+    """The embedding adversary's perturbation δ of the input embeddings (0 outside the request positions)
+    and the response loss at δ = 0 and at the returned δ."""
+
+    delta: Tensor
+    loss_before: float
+    loss_after: float
+
+
+def embedding_adversary(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor],
+                        config: CircuitBreakerConfig) -> AdversaryResult:
+    """The inner maximisation of the resistant variant: from δ = 0, ``config.adversarial_steps`` steps
+
+        δ ← clip_ε(δ − η · sign(∇_δ L(e + δ))),   ε = ``adversarial_radius``, η = ``adversarial_lr``,
+
+    where e are the input embeddings of ``batch_cb`` and L is :func:`response_loss` of the adapted model
+    (adapter on, eval mode: no dropout) on its response tokens. δ is nonzero only at the request positions
+    (unpadded and not in ``response_mask``: the chat template and the request, as an attacker writes the
+    input before the answer, never the answer itself), and clip_ε keeps every coordinate within ±ε.
+    Only δ is differentiated (``torch.autograd.grad``): no parameter gradient is stored, and no optimiser
+    sees these steps. The model's training mode is restored after."""
+    if not isinstance(model, CircuitBreakerModel):
+        raise ValueError(f"model={type(model).__name__}: expected a CircuitBreakerModel")
+    if not isinstance(config, CircuitBreakerConfig):
+        raise ValueError(f"config={config!r}: expected a CircuitBreakerConfig")
+    model._live()
+    ids, mask = check_batch(batch_cb, "batch_cb")
+    response = check_response_mask(batch_cb, "batch_cb")
+    free = (mask.bool() & ~response)[..., None]
+    peft_model = model.model
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            embeds = peft_model.get_input_embeddings()(ids)
+        delta = torch.zeros_like(embeds, requires_grad=True)
+        losses = []
+        for k in range(config.adversarial_steps + 1):
+            last = k == config.adversarial_steps
+            with torch.no_grad() if last else contextlib.nullcontext():
+                loss = response_loss(model, embeds + delta, mask, ids, response)
+            losses.append(float(loss.detach()))
+            if last:
+                break
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                step = torch.where(free, grad.sign(), 0.0)
+                delta -= config.adversarial_lr * step
+                delta.clamp_(-config.adversarial_radius, config.adversarial_radius)
+    finally:
+        peft_model.train(was_training)
+    return AdversaryResult(delta.detach(), losses[0], losses[-1])
 
 
 def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], batch_retain: Mapping[str, Tensor],
-                   config: CircuitBreakerConfig, step: int, optimizer: torch.optim.Optimizer) -> ReroutingLoss:
+                   config: CircuitBreakerConfig, step: int, optimizer: torch.optim.Optimizer, *,
+                   delta: Tensor | None = None) -> ReroutingLoss:
     """One optimiser step of representation rerouting, as the reference's ``compute_loss``:
 
     1. the coefficients at ``step`` (:func:`coefficients`; the reference's first step is 1);
@@ -432,7 +553,13 @@ def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], b
     4. loss = c_r · :func:`retain_loss` + c_s · :func:`circuit_breaker_loss`, backward, ``optimizer.step()``
        (the gradients are zeroed first).
 
-    Both forwards run decoder blocks 0..max(target_layers) only."""
+    Both forwards run decoder blocks 0..max(target_layers) only.
+
+    With ``config.adversarial_steps > 0`` (the resistant variant; ``batch_cb`` then needs a
+    ``"response_mask"``), :func:`embedding_adversary` first finds δ against the adapter as it is, and the
+    circuit-breaker term of steps 2-3 runs on the perturbed embeddings e + δ: frozen states of e + δ with
+    the adapter off, adapted states of e + δ with it on, δ a constant of the loss. The retain term is
+    unchanged. ``delta`` (the shape of the batch's embeddings) fixes δ instead of running the adversary."""
     if not isinstance(model, CircuitBreakerModel):
         raise ValueError(f"model={type(model).__name__}: expected a CircuitBreakerModel")
     if not isinstance(config, CircuitBreakerConfig):
@@ -440,17 +567,35 @@ def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], b
     model._live()
     cb_ids, cb_mask = check_batch(batch_cb, "batch_cb")
     retain_ids, retain_mask = check_batch(batch_retain, "batch_retain")
+    if delta is not None:
+        width = model.model.get_input_embeddings().weight.shape[1]
+        if not isinstance(delta, Tensor) or delta.shape != (*cb_ids.shape, width):
+            raise ValueError(f"delta of shape {tuple(getattr(delta, 'shape', ()))}: expected (batch, seq, d) = "
+                             f"{(*cb_ids.shape, width)}, the circuit-breaker batch's input embeddings")
+    elif config.adversarial_steps > 0:
+        check_response_mask(batch_cb, "batch_cb")
     c_r, c_s = coefficients(step, config.max_steps, config.alpha)
     target = list(config.target_layers)
     n_blocks = config.kept_blocks
     require_range("max(target_layers)", target[-1], maximum=model.n_blocks - 1)
+
+    adversary_before = adversary_after = math.nan
+    cb_inputs = {"input_ids": cb_ids}
+    if c_s > 0 and (delta is not None or config.adversarial_steps > 0):
+        if delta is None:
+            found = embedding_adversary(model, batch_cb, config)
+            delta, adversary_before, adversary_after = found.delta, found.loss_before, found.loss_after
+        with torch.no_grad():
+            embeds = model.model.get_input_embeddings()(cb_ids)
+        cb_inputs = {"input_ids": None, "inputs_embeds": embeds + delta.to(embeds.dtype)}
 
     peft_model = model.model
     peft_model.eval()
     with torch.no_grad():
         frozen_retain = (model.hidden_states(retain_ids, retain_mask, adapter=False, n_blocks=n_blocks)
                          if c_r > 0 else None)
-        frozen_cb = (model.hidden_states(cb_ids, cb_mask, adapter=False, layers=target, n_blocks=n_blocks)
+        frozen_cb = (model.hidden_states(cb_inputs["input_ids"], cb_mask, adapter=False, layers=target,
+                                         n_blocks=n_blocks, inputs_embeds=cb_inputs.get("inputs_embeds"))
                      if c_s > 0 else None)
     peft_model.train()
 
@@ -463,7 +608,8 @@ def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], b
         loss = loss + c_r * part
         retain_value = float(part.detach())
     if frozen_cb is not None:
-        adapted = model.hidden_states(cb_ids, cb_mask, adapter=True, layers=target, n_blocks=n_blocks)
+        adapted = model.hidden_states(cb_inputs["input_ids"], cb_mask, adapter=True, layers=target,
+                                      n_blocks=n_blocks, inputs_embeds=cb_inputs.get("inputs_embeds"))
         part = circuit_breaker_loss(adapted, frozen_cb, cb_mask)
         loss = loss + c_s * part
         cb_value = float(part.detach())
@@ -474,4 +620,5 @@ def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], b
         loss.backward()
         optimizer.step()
     return ReroutingLoss(total=float(loss.detach()), retain=retain_value, circuit_breaker=cb_value,
-                         c_retain=c_r, c_circuit_breaker=c_s, cb_cosine=cos_value)
+                         c_retain=c_r, c_circuit_breaker=c_s, cb_cosine=cos_value,
+                         adversary_before=adversary_before, adversary_after=adversary_after)
