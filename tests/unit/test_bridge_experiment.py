@@ -137,18 +137,19 @@ def test_natural_patches_are_seeded_images_in_the_box():
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
-def _records(sds_memorised, random_memorised):
+def _records(sds_memorised, prior_control_memorised, random_memorised=0):
     out = []
     for rank in (1, 8):
         for seed in range(3):
             rec = {"proxy": "cross", "rank": rank, "seed": seed, "batch_size": 4, "chosen_decoder": "ridge",
                    "cos_lift": 0.05 * rank, "cos_ridge": 0.5, "cos_learned": 0.6 if rank == 8 else 0.4,
                    "cos_private": 0.5, "n_private_used": 4}
-            for a in ("true", "random", "decoded_sds"):
+            for a in ("true", "random", "decoded_sds", "random_sds"):
                 rec[f"{a}_psnr"], rec[f"{a}_ssim"] = 10.0, 0.3
                 rec[f"{a}_memorised"] = 0
             if rank == 8:
                 rec["decoded_sds_memorised"] = sds_memorised
+                rec["random_sds_memorised"] = prior_control_memorised
                 rec["random_memorised"] = random_memorised
             out.append(rec)
     return out
@@ -157,14 +158,19 @@ def _records(sds_memorised, random_memorised):
 def test_the_verdicts_follow_the_numbers():
     from imprint.bridge.experiment import chapter_metrics
 
-    attacks = ("true", "random", "decoded_sds")
+    attacks = ("true", "random", "decoded_sds", "random_sds")
     met = chapter_metrics(summary_table(_records(2, 0)), attacks, ["fc1.weight"], sds_min_rank=8)
-    assert met["sds_high_memorised"] == 6 and met["random_high_memorised"] == 0
-    assert "the random control none" in met["sds_text"]
+    assert met["sds_high_memorised"] == 6 and met["random_sds_high_memorised"] == 0
+    assert "the random gradient under the same prior none" in met["sds_text"]
     assert met["decoded_sds_cells_work"] == 1 and "decoded_sds at r = 8" in met["working_text"]
+    assert "random_sds at" not in met["working_text"]
     assert met["learned_wins_cross"] == 1
     missed = chapter_metrics(summary_table(_records(2, 2)), attacks, ["fc1.weight"], sds_min_rank=8)
     assert "not met" in missed["sds_text"] and missed["decoded_sds_cells_work"] == 0
     assert "no attack works" in missed["working_text"]
+    # the prior alone memorises as much: the plain random control's zero does not make the attack work
+    prior_only = chapter_metrics(summary_table(_records(2, 2, random_memorised=0)), attacks, ["fc1.weight"],
+                                 sds_min_rank=8)
+    assert prior_only["decoded_sds_cells_work"] == 0
     untested = chapter_metrics(summary_table(_records(2, 0)), attacks, ["fc1.weight"], sds_min_rank=16)
     assert "not tested" in untested["sds_text"]

@@ -171,7 +171,14 @@ def test_the_resistant_variant_reuses_stages_1_and_2_and_faces_every_attack(tmp_
         raise AssertionError("a stage was trained again")
 
     monkeypatch.setattr(run_module, "supervised_stage", no_training)  # stages 1 and 2 come from the cache
-    monkeypatch.setattr(run_module, "reroute", no_training)           # and so does the plain stage 3
+    plain_stage3 = run_module.reroute
+
+    def only_resistant(model, tokenizer, cb, retain, config, **kwargs):
+        if config.adversarial_steps == 0:
+            raise AssertionError("the plain stage 3 was trained again")
+        return plain_stage3(model, tokenizer, cb, retain, config, **kwargs)
+
+    monkeypatch.setattr(run_module, "reroute", only_resistant)       # and so does the plain stage 3
     both = run_seed(tiny_options(resistant=resistant_config()), 0, tmp_path)
     assert {f"{a}_resistant" for a in run_module.ATTACKS} <= set(both.metrics)
     assert {"benign_accuracy_resistant", "over_refusal_resistant", "perplexity_resistant"} <= set(both.metrics)
@@ -182,33 +189,22 @@ def test_the_resistant_variant_reuses_stages_1_and_2_and_faces_every_attack(tmp_
         assert 0 < x["adversary_after"] <= x["adversary_before"] + 1.0 and x["adversary_after"] == x["adversary_after"]
     mean_after = sum(x["adversary_after"] for x in both.resistant_losses) / 3
     assert both.metrics["adversary_after_resistant"] == pytest.approx(mean_after)
-    monkeypatch.setattr(run_module, "reroute_with_responses", no_training)  # resumable: nothing trains again
+    monkeypatch.setattr(run_module, "reroute", no_training)  # resumable: nothing trains again
     again = run_seed(tiny_options(resistant=resistant_config()), 0, tmp_path)
     assert again.metrics == both.metrics and again.resistant_losses == both.resistant_losses
 
 
-def test_rerouting_with_responses_marks_the_answers_and_without_the_adversary_is_plain_rerouting(monkeypatch,
-                                                                                              one_torch_thread):
-    import torch
-
-    import imprint.safety.circuit_breakers as cb_module
+def test_rerouting_batches_mark_the_answers_for_the_adversary(monkeypatch, one_torch_thread):
+    import imprint.safety.experiment as experiment
     from imprint.safety.experiment import conversation_batch, conversations, reroute
-    from imprint.safety.run import base_model, reroute_with_responses
+    from imprint.safety.run import base_model
 
     options = tiny_options()
     splits = make_domain(options.domain).splits
-    runs = []
-    for fn in (reroute, reroute_with_responses):   # the adversary off: the same batches and the same steps
-        model, tokenizer = base_model(options, 0)
-        torch.manual_seed(0)
-        runs.append(fn(model, tokenizer, splits["circuit_breaker"], splits["retain"], options.circuit_breaker,
-                       seed=0, max_length=96))
-    assert runs[0].losses == runs[1].losses
-    seen, real = [], cb_module.rerouting_step
-    monkeypatch.setattr(cb_module, "rerouting_step", lambda m, b, *a, **k: seen.append(b) or real(m, b, *a, **k))
+    seen, real = [], experiment.rerouting_step
+    monkeypatch.setattr(experiment, "rerouting_step", lambda m, b, *a, **k: seen.append(b) or real(m, b, *a, **k))
     model, tokenizer = base_model(options, 0)
-    reroute_with_responses(model, tokenizer, splits["circuit_breaker"], splits["retain"], resistant_config(),
-                           seed=0, max_length=96)
+    reroute(model, tokenizer, splits["circuit_breaker"], splits["retain"], resistant_config(), seed=0, max_length=96)
     assert len(seen) == 3
     texts, counts = conversations(tokenizer, splits["circuit_breaker"], 96)
     rows = {tuple(conversation_batch(tokenizer, [t], "cpu")["input_ids"][0].tolist()): (e, n)

@@ -57,7 +57,10 @@ from imprint.runtime.checks import require_choice, require_float, require_int, r
 DOMAINS = ("digits", "faces")
 PROXIES = ("in", "cross")
 DECODERS = ("lift", "ridge", "learned")
-ATTACKS = ("true", "decoded", "lora", "random", "decoded_sds", "lora_sds", "true_all")
+ATTACKS = ("true", "decoded", "lora", "random", "decoded_sds", "lora_sds", "random_sds", "true_all")
+#: The control each attack is judged against: the prior alone can draw faces, so an attack with the prior
+#: is compared with the random gradient under the same prior.
+CONTROLS = {a: ("random_sds" if a.endswith("_sds") else "random") for a in ATTACKS}
 NATURAL_IMAGES = ("camera", "coins", "moon", "page", "text", "astronaut", "grass", "gravel", "brick", "clock")
 
 
@@ -575,7 +578,9 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
     for attack in runs:
         key = ("attack", attack, b, options.invert_steps, options.invert_lr, options.tv_weight, options.restarts)
         if attack.startswith("lora"):  # the direct attack needs no proxy: shared by both proxy distributions
-            key = key + (options.rank, options.lora_lr, options.sds_weight if attack.endswith("_sds") else 0.0)
+            key = key + (options.rank, options.lora_lr)
+        if attack.endswith("_sds"):
+            key = key + (options.sds_weight,)
         cached = not attack.startswith("decoded")
         if cached and key in setting.cache:
             scores, matched = setting.cache[key]
@@ -585,7 +590,7 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
             elif attack == "true":
                 targets = [_full_targets(model, {n: g[n] for n in layers}) for g in true_grads]
                 cand = _invert(model, targets, setting, options, weights, seed)
-            elif attack == "random":
+            elif attack in ("random", "random_sds"):  # the same random gradients, without and with the prior
                 gen = torch.Generator().manual_seed(seed + 4242)
                 targets = []
                 for g in true_grads:
@@ -594,7 +599,7 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
                         z = torch.randn(g[n].shape, generator=gen, dtype=torch.float64)
                         rnd[n] = (z * g[n].norm().double().cpu() / z.norm()).to(g[n].dtype).to(dev)
                     targets.append(_full_targets(model, rnd))
-                cand = _invert(model, targets, setting, options, weights, seed)
+                cand = _invert(model, targets, setting, options, weights, seed, prior_labels=attack.endswith("_sds"))
             elif attack.startswith("decoded"):
                 targets = [_full_targets(model, g) for g in decoded_private]
                 cand = _invert(model, targets, setting, options, weights, seed, prior_labels=attack.endswith("_sds"))
@@ -657,8 +662,9 @@ def summary_table(records: Sequence[Mapping]) -> list[dict]:
 
 def attack_works(row: Mapping, attack: str) -> bool:
     """The chapter's rule: an attack works in a cell when its memorisation count is at least one on
-    average over seeds and exceeds the random control's on every seed."""
-    mine, control = row.get(f"{attack}_memorised_per_seed"), row.get("random_memorised_per_seed")
+    average over seeds and exceeds its control's (:data:`CONTROLS`: the random gradient, under the prior
+    for an attack with the prior) on every seed."""
+    mine, control = row.get(f"{attack}_memorised_per_seed"), row.get(f"{CONTROLS[attack]}_memorised_per_seed")
     if mine is None or control is None:
         return False
     return float(np.mean(mine)) >= 1 and all(a > c for a, c in zip(mine, control))
@@ -694,7 +700,8 @@ def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Se
         out[f"{a}_cells_work"] = sum(attack_works(pick[(main, r)], a) for r in ranks)
     n_images = int(pick[(main, hi_rank)]["n_private_used"])
     out["n_images_per_cell"] = n_images
-    working = [f"{a} at r = {r}" for a in attacks if a != "random" for r in ranks if attack_works(pick[(main, r)], a)]
+    working = [f"{a} at r = {r}" for a in attacks if a not in ("random", "random_sds") for r in ranks
+               if attack_works(pick[(main, r)], a)]
     out["working_text"] = ("by that rule, no attack works in any cell" if not working
                            else "by that rule, these attacks work: " + ", ".join(working))
     decoder_words = []
@@ -706,16 +713,18 @@ def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Se
     if "decoded_sds" in attacks and "decoded_sds_psnr" in pick[(main, hi_rank)]:
         high = [r for r in ranks if r >= sds_min_rank]
         mem = int(sum(sum(pick[(main, r)]["decoded_sds_memorised_per_seed"]) for r in high)) if high else 0
-        ctrl = int(sum(sum(pick[(main, r)]["random_memorised_per_seed"]) for r in high)) if high else 0
-        out["sds_high_memorised"], out["random_high_memorised"] = mem, ctrl
+        ctrl = int(sum(sum(pick[(main, r)]["random_sds_memorised_per_seed"]) for r in high)) if high else 0
+        out["sds_high_memorised"], out["random_sds_high_memorised"] = mem, ctrl
         if not high:
             out["sds_text"] = f"no rank of this run reaches {sds_min_rank}, so the prior's target is not tested"
         elif mem > 0 and ctrl == 0:
             out["sds_text"] = (f"at ranks of at least {sds_min_rank} the decoded attack with the prior recovers "
-                               f"{mem} images that meet the memorisation criterion and the random control none")
+                               f"{mem} images that meet the memorisation criterion and the random gradient under "
+                               "the same prior none")
         else:
             out["sds_text"] = (f"at ranks of at least {sds_min_rank} the decoded attack with the prior recovers "
-                               f"{mem} images that meet the memorisation criterion, the random control {ctrl}: "
+                               f"{mem} images that meet the memorisation criterion, the random gradient under the "
+                               f"same prior {ctrl}: "
                                "the target is not met")
     else:
         out["sds_text"] = "the prior was not run (sds_weight is 0)"
@@ -727,7 +736,7 @@ def chapter_metrics(table: Sequence[Mapping], attacks: Sequence[str], layers: Se
 _STYLE = {"lift": "tab:grey", "ridge": "tab:blue", "learned": "tab:orange"}
 _ATTACK_COLOURS = {"true_all": "tab:brown", "true": "black", "decoded": "tab:blue", "lora": "tab:green",
                    "random": "tab:red",
-                   "decoded_sds": "tab:purple", "lora_sds": "tab:olive"}
+                   "decoded_sds": "tab:purple", "lora_sds": "tab:olive", "random_sds": "tab:pink"}
 
 
 def _band(ax, x, rows, key, **kw):
@@ -775,7 +784,7 @@ def plot_psnr(table: Sequence[Mapping], attacks: Sequence[str], proxy: str):
     for a in attacks:
         if f"{a}_psnr" not in rows[0]:
             continue
-        dotted = a in ("true", "random", "true_all")
+        dotted = a in ("true", "random", "random_sds", "true_all")
         _band(ax, x, rows, f"{a}_psnr", color=_ATTACK_COLOURS[a], linestyle=":" if dotted else "-",
               label=a)
     ax.set_xscale("log", base=2)

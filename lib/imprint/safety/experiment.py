@@ -106,8 +106,11 @@ def reroute(model, tokenizer, circuit_breaker: Sequence[Example], retain: Sequen
             config: CircuitBreakerConfig, *, seed: int = 0, device: str = "cpu", max_length: int = 128) -> RerouteResult:
     """Stage 3: ``config.max_steps`` rerouting steps, each on ``config.batch_size`` conversations of the
     circuit-breaker set (their request and answer tokens rerouted) and as many of the retain set, drawn
-    from seeded permutations. ``model`` is wrapped in place (:class:`CircuitBreakerModel`)."""
-    cb_texts, _ = conversations(tokenizer, circuit_breaker, max_length)
+    from seeded permutations. ``model`` is wrapped in place (:class:`CircuitBreakerModel`). Each
+    circuit-breaker batch carries its ``"response_mask"``: the tokens after the request, as
+    :func:`conversations` counts them, which the embedding adversary of a resistant ``config`` attacks (the
+    plain step does not read it)."""
+    cb_texts, cb_prompt = conversations(tokenizer, circuit_breaker, max_length)
     retain_texts, _ = conversations(tokenizer, retain, max_length)
     wrapped = CircuitBreakerModel(model.to(device), config)
     optimizer = wrapped.optimizer()
@@ -122,7 +125,12 @@ def reroute(model, tokenizer, circuit_breaker: Sequence[Example], retain: Sequen
 
     result = RerouteResult(wrapped)
     for step in range(1, config.max_steps + 1):  # the reference counts its first step as 1
-        batch_cb = conversation_batch(tokenizer, [cb_texts[i] for i in draw("cb", len(cb_texts))], device)
+        rows = draw("cb", len(cb_texts))
+        batch_cb = conversation_batch(tokenizer, [cb_texts[i] for i in rows], device)
+        response = batch_cb["attention_mask"].clone()
+        for r, i in enumerate(rows):
+            response[r, :cb_prompt[i]] = 0
+        batch_cb["response_mask"] = response
         batch_retain = conversation_batch(tokenizer, [retain_texts[i] for i in draw("retain", len(retain_texts))],
                                           device)
         result.losses.append(rerouting_step(wrapped, batch_cb, batch_retain, config, step, optimizer))

@@ -322,43 +322,6 @@ def loss_record(loss, config: CircuitBreakerConfig) -> dict:
     return record
 
 
-def reroute_with_responses(model, tokenizer, circuit_breaker: Sequence[Example], retain: Sequence[Example],
-                           config: CircuitBreakerConfig, *, seed: int = 0, device: str = "cpu",
-                           max_length: int = 128) -> RerouteResult:
-    """Stage 3 as :func:`imprint.safety.experiment.reroute` (the same seeded draws, so the same batches), with
-    each circuit-breaker batch carrying its ``"response_mask"``: the tokens after the request, as
-    :func:`imprint.safety.experiment.conversations` counts them, which the embedding adversary of a
-    resistant ``config`` attacks. With the adversary off its steps are those of ``reroute``."""
-    from imprint.safety.circuit_breakers import rerouting_step
-
-    cb_texts, cb_prompt = conversations(tokenizer, circuit_breaker, max_length)
-    retain_texts, _ = conversations(tokenizer, retain, max_length)
-    wrapped = CircuitBreakerModel(model.to(device), config)
-    optimizer = wrapped.optimizer()
-    gen = torch.Generator().manual_seed(seed)
-    order = {"cb": [], "retain": []}
-
-    def draw(name: str, n: int) -> list[int]:
-        while len(order[name]) < config.batch_size:
-            order[name] += torch.randperm(n, generator=gen).tolist()
-        out, order[name] = order[name][:config.batch_size], order[name][config.batch_size:]
-        return out
-
-    result = RerouteResult(wrapped)
-    for step in range(1, config.max_steps + 1):
-        rows = draw("cb", len(cb_texts))
-        batch_cb = conversation_batch(tokenizer, [cb_texts[i] for i in rows], device)
-        response = batch_cb["attention_mask"].clone()
-        for r, i in enumerate(rows):
-            response[r, :cb_prompt[i]] = 0
-        batch_cb["response_mask"] = response
-        batch_retain = conversation_batch(tokenizer, [retain_texts[i] for i in draw("retain", len(retain_texts))],
-                                          device)
-        result.losses.append(rerouting_step(wrapped, batch_cb, batch_retain, config, step, optimizer))
-    wrapped.model.eval()
-    return result
-
-
 def _stage3(folder: Path | None, model, train: Callable[[], RerouteResult],
             config: CircuitBreakerConfig) -> tuple[CircuitBreakerModel, list[dict]]:
     """Stage 3 once: the adapter's weights and the step losses go to ``folder``; a rerun loads them."""
@@ -641,7 +604,7 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
     layers = _cached_json(fe, "layers", lambda: layer_geometry(wrapped, tokenizer, domain, options.max_length, dev))
     resistant, s3r = {}, []
     if resistant_model is not None:
-        held, s3r = rerouted(f3r, resistant_model, options.resistant, reroute_with_responses)
+        held, s3r = rerouted(f3r, resistant_model, options.resistant, reroute)
         resistant = _cached_json(fer, "after", lambda: evaluate(held, tokenizer, domain, options, seed, steering))
         geometry = _cached_json(fer, "layers", lambda: layer_geometry(held, tokenizer, domain, options.max_length,
                                                                        dev))
