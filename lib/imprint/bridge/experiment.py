@@ -780,7 +780,7 @@ def plot_psnr(table: Sequence[Mapping], attacks: Sequence[str], proxy: str):
 
     rows = sorted([r for r in table if r["proxy"] == proxy], key=lambda r: r["rank"])
     x = [r["rank"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for a in attacks:
         if f"{a}_psnr" not in rows[0]:
             continue
@@ -790,7 +790,7 @@ def plot_psnr(table: Sequence[Mapping], attacks: Sequence[str], proxy: str):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
     ax.set_ylabel("PSNR (dB)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)  # beside the lines
     fig.tight_layout()
     plt.close(fig)
     return fig
