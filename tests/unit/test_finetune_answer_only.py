@@ -71,3 +71,17 @@ def test_bad_prompt_tokens_are_refused(lm, bad, match, one_torch_thread):
     with pytest.raises(ValueError, match=match):
         finetune_causal_lm(copy.deepcopy(lm.model), lm.tokenizer, TEXTS, steps=1, lr=1e-3, batch_size=2,
                            progress=False, prompt_tokens=bad)
+
+
+def test_bfloat16_autocast_keeps_float32_weights_and_its_own_checkpoints(lm, tmp_path, one_torch_thread):
+    tok = lm.tokenizer
+    expected = masked_cross_entropy(lm.model, tok, TEXTS, [0] * len(TEXTS))
+    kwargs = dict(steps=1, lr=1e-3, batch_size=len(TEXTS), progress=False)
+    plain = finetune_causal_lm(copy.deepcopy(lm.model), tok, TEXTS, **kwargs)
+    mixed = finetune_causal_lm(copy.deepcopy(lm.model), tok, TEXTS, autocast_bf16=True, checkpoint_dir=tmp_path,
+                               **kwargs)
+    assert mixed.losses[0] == pytest.approx(expected, rel=2e-2)       # bfloat16 keeps 8 bits of mantissa
+    assert abs(mixed.losses[0] - plain.losses[0]) > 1e-6 * expected   # and the products did run in it
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    with pytest.raises(ValueError, match="autocast_bf16"):
+        finetune_causal_lm(copy.deepcopy(lm.model), tok, TEXTS, checkpoint_dir=tmp_path, **{**kwargs, "steps": 2})

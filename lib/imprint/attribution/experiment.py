@@ -83,11 +83,12 @@ def base_model(model: str, documents: Sequence[HopsDocument], *, d_model: int = 
 def fine_tune(f_old, tokenizer, documents: Sequence[HopsDocument], *, steps: int, lr: float, batch_size: int,
               seed: int, device: str, checkpoint_dir: str | Path | None, lora_rank: int = 0,
               warmup_steps: int = 0, max_length: int = 256, progress: bool = False,
-              checkpoint_every: int | None = None):
+              checkpoint_every: int | None = None, autocast_bf16: bool = False):
     """f_new: a copy of f_old fine-tuned on the documents' texts (full fine-tuning, or LoRA of rank
     ``lora_rank`` on every linear layer with the embedding rows of the new tokens trained, merged back);
     returns it with the loss of every step. Checkpoints every ``checkpoint_every`` steps (default: a
-    third of the run; a SmolLM2 checkpoint with AdamW's state is 1.6 GB) and at the end."""
+    third of the run; a SmolLM2 checkpoint with AdamW's state is 1.6 GB) and at the end. ``autocast_bf16``:
+    the products in bfloat16 (``finetune_causal_lm``'s option)."""
     require_int("lora_rank", lora_rank, minimum=0)
     if checkpoint_every is None:
         checkpoint_every = max(50, steps // 3)
@@ -102,7 +103,7 @@ def fine_tune(f_old, tokenizer, documents: Sequence[HopsDocument], *, steps: int
     result = finetune_causal_lm(f_new, tokenizer, [d.text for d in documents], steps=steps, lr=lr,
                                 batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir, seed=seed,
                                 lora=lora, warmup_steps=warmup_steps, max_length=max_length, progress=progress,
-                                checkpoint_every=checkpoint_every)
+                                checkpoint_every=checkpoint_every, autocast_bf16=autocast_bf16)
     model = result.model.merge_and_unload() if lora_rank else result.model
     return model.eval(), result.losses
 

@@ -236,7 +236,8 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
                        device: str = "cpu", checkpoint_dir: str | Path | None = None, seed: int = 0,
                        lora=None, *, max_length: int = 256, weight_decay: float = 0.0,
                        warmup_steps: int = 0, max_grad_norm: float | None = 1.0, checkpoint_every: int = 50,
-                       progress: bool = True, prompt_tokens: Sequence[int] | None = None) -> FinetuneResult:
+                       progress: bool = True, prompt_tokens: Sequence[int] | None = None,
+                       autocast_bf16: bool = False) -> FinetuneResult:
     """Next-token fine-tuning of ``model`` on ``texts`` for ``steps`` AdamW steps, in place.
 
     Each step reads ``batch_size`` documents from seeded per-epoch permutations (the batch of a step
@@ -252,6 +253,10 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
     are context, their labels -100, and the loss is the mean cross-entropy over the remaining non-pad
     tokens of the batch. Each count must leave at least one token to predict within ``max_length``.
     None: every token is predicted (the default).
+
+    ``autocast_bf16`` runs the forward pass (and so the backward pass) under ``torch.autocast`` in
+    bfloat16: the weights, their gradients and AdamW's state stay float32, the products and activations
+    are bfloat16. Off (the default), the computation is in the weights' dtype.
 
     With ``checkpoint_dir`` the trainable weights, AdamW's state, the RNG state and the losses are saved
     as safetensors every ``checkpoint_every`` steps and at the end; a call with the same model, data and
@@ -270,6 +275,8 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
     if max_grad_norm is not None:
         require_positive("max_grad_norm", max_grad_norm)
     require_int("checkpoint_every", checkpoint_every, minimum=1)
+    if not isinstance(autocast_bf16, bool):
+        raise ValueError(f"autocast_bf16={autocast_bf16!r}: expected True or False")
     if isinstance(texts, str) or not texts:
         raise ValueError(f"texts={texts!r}: expected a non-empty list of documents")
     for i, t in enumerate(texts):
@@ -317,13 +324,16 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
            "vocabulary": len(tokenizer)}
     if prompt_tokens is not None:  # only then, so that checkpoints of whole-text runs keep resuming
         run["prompt_tokens"] = hashlib.sha256(json.dumps(prompt_tokens).encode()).hexdigest()
+    if autocast_bf16:  # likewise
+        run["autocast_bf16"] = True
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     state = ckpt.latest(max_unit=steps) if ckpt else None
     losses: list[float] = []
     start = 0
     if state is not None:
         saved = state.meta.get("run", {})
-        for key, value in run.items():
+        for key in list(run) + [k for k in saved if k not in run]:  # a setting either side lacks differs too
+            value = run.get(key)
             if saved.get(key) != value:
                 raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} holds a run with {key}={saved.get(key)!r}; "
                                  f"this call has {key}={value!r}: expected the same run, or another checkpoint_dir")
@@ -359,7 +369,8 @@ def finetune_causal_lm(model, tokenizer, texts: Sequence[str], steps: int, lr: f
                 for row, i in enumerate(batch):
                     labels[row, :prompt_tokens[i]] = -100
             ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
