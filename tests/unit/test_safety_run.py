@@ -254,3 +254,16 @@ def test_the_variant_report_states_its_numbers_or_that_it_was_not_run():
     report = resistant_report(summary)
     assert report["text"].startswith("the signed embedding attack succeeds on 0.50 [0.25, 0.75] on the variant")
     assert "from 2 to 1.5 nats" in report["text"] and not report["met"] and "overlaps" in report["verdict_text"]
+
+
+def test_a_share_keeps_its_interval_within_zero_and_one():
+    from imprint.safety.run import SeedResult, interval, summarise
+
+    mean, lo, hi = interval([0.0, 1.0, 1.0])
+    assert lo < 0 and hi > 1                                # the plain t-interval leaves the range
+
+    def seed(i, share, perplexity):
+        return SeedResult(i, {"direct_after": share, "perplexity_after": perplexity}, {}, [], [], [], "")
+    summary = summarise([seed(0, 0.0, 1.0), seed(1, 1.0, 1.0), seed(2, 1.0, 0.9)])
+    assert summary["direct_after"] == pytest.approx((2 / 3, 0.0, 1.0))
+    assert summary["perplexity_after"][1:] == pytest.approx(interval([1.0, 1.0, 0.9])[1:])  # not a share

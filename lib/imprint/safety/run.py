@@ -633,8 +633,15 @@ def run_seed(options: RunOptions, seed: int, cache_dir: str | Path | None = None
 NON_EMBEDDING_ATTACKS = ("direct", "prefill", "generic_prefill", "jailbreak", "split", "gcg", "activation_addition")
 
 
-def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student-t interval over seeds (the mean twice when there is a single seed)."""
+#: Metrics that are not shares of requests or answers (the rest lie in [0, 1]).
+UNBOUNDED = ("perplexity_", "taught_perplexity", "adversary_")
+
+
+def interval(values: Sequence[float], level: float = 0.95,
+             bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """Mean and Student-t interval over seeds (the mean twice when there is a single seed); with
+    ``bounds``, the interval's ends are clipped to the range the quantity can take (a share's t-interval
+    over three seeds otherwise runs past 0 and 1)."""
     from scipy import stats
 
     x = torch.tensor(list(values), dtype=torch.float64)
@@ -644,15 +651,23 @@ def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float
     if x.numel() < 2:
         return mean, mean, mean
     half = float(stats.t.ppf(0.5 + level / 2, x.numel() - 1) * x.std(unbiased=True) / math.sqrt(x.numel()))
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return mean, lo, hi
 
 
 def summarise(results: Sequence[SeedResult]) -> dict[str, tuple[float, float, float]]:
-    """Every metric's mean and interval over the seeds."""
+    """Every metric's mean and interval over the seeds; a share's interval (every metric but those
+    :data:`UNBOUNDED` names, when its values lie in [0, 1]) is clipped to [0, 1]."""
     if not results:
         raise ValueError("results is empty: expected one SeedResult per seed")
-    names = list(results[0].metrics)
-    return {n: interval([r.metrics[n] for r in results]) for n in names}
+    out = {}
+    for n in results[0].metrics:
+        values = [r.metrics[n] for r in results]
+        share = not n.startswith(UNBOUNDED) and all(0.0 <= v <= 1.0 for v in values)
+        out[n] = interval(values, bounds=(0.0, 1.0) if share else None)
+    return out
 
 
 def relative_reduction(before: float, after: float) -> float:
