@@ -447,6 +447,15 @@ class ReroutingLoss:
     adversary_after: float = math.nan
 
 
+def _check_step_inputs(model, config) -> None:
+    """A live :class:`CircuitBreakerModel` and a :class:`CircuitBreakerConfig`, or an error naming which."""
+    if not isinstance(model, CircuitBreakerModel):
+        raise ValueError(f"model={type(model).__name__}: expected a CircuitBreakerModel")
+    if not isinstance(config, CircuitBreakerConfig):
+        raise ValueError(f"config={config!r}: expected a CircuitBreakerConfig")
+    model._live()
+
+
 def check_response_mask(batch, name: str) -> Tensor:
     """``batch["response_mask"]``, (batch, seq) 0/1: the response tokens of each row, the targets of the
     embedding adversary. It must mark unpadded positions only, at least one, never a row's first position
@@ -507,11 +516,7 @@ def embedding_adversary(model: CircuitBreakerModel, batch_cb: Mapping[str, Tenso
     input before the answer, never the answer itself), and clip_ε keeps every coordinate within ±ε.
     Only δ is differentiated (``torch.autograd.grad``): no parameter gradient is stored, and no optimiser
     sees these steps. The model's training mode is restored after."""
-    if not isinstance(model, CircuitBreakerModel):
-        raise ValueError(f"model={type(model).__name__}: expected a CircuitBreakerModel")
-    if not isinstance(config, CircuitBreakerConfig):
-        raise ValueError(f"config={config!r}: expected a CircuitBreakerConfig")
-    model._live()
+    _check_step_inputs(model, config)
     ids, mask = check_batch(batch_cb, "batch_cb")
     response = check_response_mask(batch_cb, "batch_cb")
     free = (mask.bool() & ~response)[..., None]
@@ -560,11 +565,7 @@ def rerouting_step(model: CircuitBreakerModel, batch_cb: Mapping[str, Tensor], b
     circuit-breaker term of steps 2-3 runs on the perturbed embeddings e + δ: frozen states of e + δ with
     the adapter off, adapted states of e + δ with it on, δ a constant of the loss. The retain term is
     unchanged. ``delta`` (the shape of the batch's embeddings) fixes δ instead of running the adversary."""
-    if not isinstance(model, CircuitBreakerModel):
-        raise ValueError(f"model={type(model).__name__}: expected a CircuitBreakerModel")
-    if not isinstance(config, CircuitBreakerConfig):
-        raise ValueError(f"config={config!r}: expected a CircuitBreakerConfig")
-    model._live()
+    _check_step_inputs(model, config)
     cb_ids, cb_mask = check_batch(batch_cb, "batch_cb")
     retain_ids, retain_mask = check_batch(batch_retain, "batch_retain")
     if delta is not None:
