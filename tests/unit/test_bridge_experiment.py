@@ -174,3 +174,45 @@ def test_the_verdicts_follow_the_numbers():
     assert prior_only["decoded_sds_cells_work"] == 0
     untested = chapter_metrics(summary_table(_records(2, 0)), attacks, ["fc1.weight"], sds_min_rank=16)
     assert "not tested" in untested["sds_text"]
+
+
+def test_a_setting_is_written_once_and_read_back_as_it_was(tmp_path, monkeypatch):
+    import imprint.bridge.experiment as experiment
+
+    opts = SettingOptions(**{**TINY.__dict__, "ddpm_steps": 2, "ddpm_channels": (8,), "ddpm_timesteps": 10})
+    first = prepare_setting(opts, seed=1, folder=tmp_path)
+    assert (tmp_path / "setting-seed1.safetensors").is_file() and first.seconds["seconds_pretrain"] > 0
+    calls = []
+    monkeypatch.setattr(experiment, "pretrain", lambda *a, **k: calls.append("pretrain"))
+    again = prepare_setting(opts, seed=1, folder=tmp_path)
+    assert calls == [] and again.seconds == {"seconds_pretrain": 0.0, "seconds_ddpm": 0.0}
+    assert again.target_accuracy == first.target_accuracy
+    for (n, a), (m, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    for (n, a), (m, b) in zip(first.unet.state_dict().items(), again.unet.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    assert not again.model.training and not again.unet.training
+    assert not any(p.requires_grad for p in again.model.parameters())
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(first.model(x), again.model(x))
+    prepare_setting(SettingOptions(**{**opts.__dict__, "pretrain_epochs": 3}), seed=1, folder=tmp_path)
+    assert calls == ["pretrain"]            # other options: the file is not theirs
+
+
+def test_dropped_pairs_leave_the_cell_and_come_back_identical(setting, tmp_path):
+    opts = CellOptions(rank=2, **FAST)
+    kept = run_cell(setting, opts, tmp_path / "kept", ("lora",))
+    dropped = run_cell(setting, opts, tmp_path / "dropped", ("lora",), keep_pairs=False)
+    assert not list((tmp_path / "dropped").glob("shard-*")) and (tmp_path / "dropped" / CELL_FILE).is_file()
+    assert dropped.record == kept.record
+    assert run_cell(setting, opts, tmp_path / "dropped", ("lora",)).record == kept.record   # read back
+    run_cell(setting, opts, tmp_path / "dropped", ("lora", "true"))      # another cell: pairs regenerated
+    for shard in sorted((tmp_path / "kept").glob("shard-*")):
+        assert (tmp_path / "dropped" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_a_cell_reports_the_seconds_of_its_stages(setting, tmp_path):
+    cell = run_cell(setting, CellOptions(rank=2, **FAST), tmp_path / "c", ("true", "decoded"))
+    assert set(cell.seconds) == {"pairs", "decoders", "client", "inversion", "scoring"}
+    assert all(v >= 0 for v in cell.seconds.values()) and cell.seconds["inversion"] > 0
+    assert run_cell(setting, CellOptions(rank=2, **FAST), tmp_path / "c", ("true", "decoded")).seconds == cell.seconds

@@ -34,6 +34,7 @@ runs one rank and one proxy distribution on it, and caches in the setting the at
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -267,6 +268,7 @@ class Setting:
     alphas_cumprod: Tensor | None
     device: torch.device
     cache: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
 
 
 def _ddpm_config(image_size: int, n_classes: int, options: SettingOptions):
@@ -279,10 +281,18 @@ def _ddpm_config(image_size: int, n_classes: int, options: SettingOptions):
                       norm_num_groups=8, n_train_timesteps=options.ddpm_timesteps)
 
 
-def prepare_setting(options: SettingOptions, seed: int, device: str | torch.device = "cpu") -> Setting:
+SETTING_FILE = "setting-seed{seed}.safetensors"
+
+
+def prepare_setting(options: SettingOptions, seed: int, device: str | torch.device = "cpu",
+                    folder: str | Path | None = None) -> Setting:
     """Splits, cross-distribution patches, the target pretrained on the public images (Adam, seeded), and,
     with ``ddpm_steps > 0``, a class-conditional DDPM (diffusers ``UNet2DModel``) trained on the same
-    public images: none of them private or held out."""
+    public images: none of them private or held out. With ``folder``, the trained weights are written
+    there atomically (``setting-seed<seed>.safetensors``, keyed by the options and the seed) and read back
+    by a later call with the same options and seed, so a resumed run attacks the very networks that its
+    finished cells attacked, also on another machine; ``setting.seconds`` holds the wall seconds of the
+    pretraining and the DDPM's training (0 when read back)."""
     seed = require_int("seed", seed, minimum=0)
     device = torch.device(device)
     splits = domain_splits(options.domain, options.n_private, options.n_heldout, options.n_public, seed)
@@ -292,21 +302,50 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
     target = TargetOptions(image_size=size, n_classes=splits.n_classes, channels=tuple(options.channels),
                            hidden=options.hidden)
     model = make_target(target, seed).to(device)
-    pretrain(model, splits.public, splits.public_labels, PretrainOptions(epochs=options.pretrain_epochs, seed=seed))
-    acc = accuracy(model, splits.heldout, splits.heldout_labels)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    unet = abar = None
+    config = unet = abar = None
     if options.ddpm_steps > 0:
-        from imprint.models.ddpm import DDPMTrainOptions, alphas_cumprod, images_to_unit_range, train_ddpm
+        from imprint.models.ddpm import alphas_cumprod
 
         config = _ddpm_config(size, splits.n_classes, options)
-        unet = train_ddpm(images_to_unit_range(splits.public).to(device), splits.public_labels.to(device), seed,
-                          config, DDPMTrainOptions(n_steps=options.ddpm_steps, batch_size=64), device)
+        abar = alphas_cumprod(config).to(device)
+    from imprint.runtime.io import _to_jsonable, atomic_save_tensors, load_tensor_metadata, load_tensors
+
+    key = _to_jsonable({"setting": asdict(options), "seed": seed})
+    path = None if folder is None else Path(folder) / SETTING_FILE.format(seed=seed)
+    seconds = {"seconds_pretrain": 0.0, "seconds_ddpm": 0.0}
+    if path is not None and path.is_file() and load_tensor_metadata(path).get("key") == key:
+        tensors = load_tensors(path)
+        model.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")})
+        acc = float(load_tensor_metadata(path)["target_accuracy"])
+        if config is not None:
+            from imprint.models.ddpm import unet_from_state_dict
+
+            unet = unet_from_state_dict(config, {k[len("unet."):]: v.to(device) for k, v in tensors.items()
+                                                 if k.startswith("unet.")})
+    else:
+        t0 = time.perf_counter()
+        pretrain(model, splits.public, splits.public_labels, PretrainOptions(epochs=options.pretrain_epochs, seed=seed))
+        acc = accuracy(model, splits.heldout, splits.heldout_labels)
+        seconds["seconds_pretrain"] = time.perf_counter() - t0
+        if config is not None:
+            from imprint.models.ddpm import DDPMTrainOptions, images_to_unit_range, train_ddpm
+
+            t0 = time.perf_counter()
+            unet = train_ddpm(images_to_unit_range(splits.public).to(device), splits.public_labels.to(device), seed,
+                              config, DDPMTrainOptions(n_steps=options.ddpm_steps, batch_size=64), device)
+            seconds["seconds_ddpm"] = time.perf_counter() - t0
+        if path is not None:
+            tensors = {f"target.{k}": v for k, v in model.state_dict().items()}
+            if unet is not None:
+                tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+            atomic_save_tensors(path, tensors, {"key": key, "target_accuracy": acc})
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if unet is not None:
         for p in unet.parameters():
             p.requires_grad_(False)
-        abar = alphas_cumprod(config).to(device)
-    return Setting(options, seed, splits, cross, cross_labels.long(), model, acc, unet, abar, device)
+    return Setting(options, seed, splits, cross, cross_labels.long(), model, acc, unet, abar, device, seconds=seconds)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -381,12 +420,38 @@ class LoRAView(nn.Module):
 
 @dataclass
 class CellResult:
-    """A cell's numbers (``record``: flat, JSON-ready) and images (``images``: per attack, the matched
-    reconstruction of every private image, ``[n, 1, H, W]``)."""
+    """A cell's numbers (``record``: flat, JSON-ready), images (``images``: per attack, the matched
+    reconstruction of every private image, ``[n, 1, H, W]``) and the wall seconds of its stages
+    (``seconds``: ``pairs``, ``decoders``, ``client``, ``inversion``, ``scoring``; those of the run that
+    computed it when the cell is read back)."""
 
     record: dict
     images: dict[str, Tensor]
     private: Tensor
+    seconds: dict = field(default_factory=dict)
+
+
+class _StageClock:
+    """Wall seconds per stage of a cell (summed over the laps of one stage), the device synchronised at
+    each lap so that queued GPU work is charged to the stage that queued it."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.totals: dict[str, float] = {}
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.totals[stage] = self.totals.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        return dict(self.totals)
 
 
 def _psnr(a: Tensor, b: Tensor) -> Tensor:
@@ -464,14 +529,16 @@ CELL_FILE = "cell.safetensors"
 
 
 def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
-             attacks: Sequence[str] = ATTACKS) -> CellResult:
+             attacks: Sequence[str] = ATTACKS, keep_pairs: bool = True) -> CellResult:
     """One rank and one proxy distribution on ``setting`` (see the module's docstring). ``folder`` holds the
     proxy pairs' shards (resumed when present) and, once the cell is done, its result (``cell.safetensors``,
     written atomically): a later call with the same setting options, seed, cell options and attacks reads
     it back instead of computing, so a killed run resumes at its first unfinished cell. ``attacks`` chooses
     among :data:`ATTACKS`; the ``_sds`` ones run only when ``options.sds_weight > 0``. The true-gradient and
     random attacks do not depend on the rank or the proxy, and are computed once per setting and batch
-    size; the direct attacks once per rank."""
+    size; the direct attacks once per rank. With ``keep_pairs=False`` the pairs' shards are deleted once
+    the cell's result is written (their manifest stays: a later call that needs them again regenerates
+    them), which keeps a run's results folder small enough to carry to another machine."""
     check_cell(setting, options)
     for a in attacks:
         require_choice("attacks", a, ATTACKS)
@@ -484,15 +551,19 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
         meta, tensors = load_tensor_metadata(path), load_tensors(path)
         record = {k: (math.nan if v is None else v) for k, v in meta["record"].items()}
         images = {k[len("images."):]: v for k, v in tensors.items() if k.startswith("images.")}
-        return CellResult(record, images, tensors["private"])
+        return CellResult(record, images, tensors["private"], meta.get("seconds", {}))
     result = _compute_cell(setting, options, folder, attacks)
     atomic_save_tensors(path, {**{f"images.{a}": v for a, v in result.images.items()}, "private": result.private},
-                        {"key": key, "record": result.record})
+                        {"key": key, "record": result.record, "seconds": result.seconds})
+    if not keep_pairs:
+        for shard in Path(folder).glob("shard-*.safetensors"):
+            shard.unlink()
     return result
 
 
 def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, attacks: Sequence[str]) -> CellResult:
     model, s, dev, seed = setting.model, setting.splits, setting.device, setting.seed
+    clock = _StageClock(dev)
     layers = lora_targets(model)
     params = dict(model.named_parameters())
     lora_a = init_lora_factors(model, options.rank, seed)
@@ -506,6 +577,7 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
                                scaling=scaling, seed=seed)
     generate_pairs(folder, model, proxy_x.to(dev), proxy_y.to(dev), lora_a, pair_options)
     pairs = load_pairs(folder)
+    clock.lap("pairs")
     train_rows, test_rows = _split_pairs(pairs.n, options.test_fraction, seed)
     test_steps = pairs.steps[test_rows]
 
@@ -542,6 +614,7 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
         record[f"cos_{name}"] = float(np.mean([record[f"cos_{name}_{layer}"] for layer in layers]))
     chosen = max(DECODERS, key=lambda name: record[f"cos_{name}"])
     record["chosen_decoder"] = chosen
+    clock.lap("decoders")
 
     # 3. the private client's update, batch by batch
     b = options.batch_size
@@ -569,6 +642,7 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
         decoded_private.append(g)
     record["cos_private"] = float(np.mean([float(decoded_cosine(decoded_private[k][layer], true_grads[k][layer]))
                                            for k in range(n_batches) for layer in layers]))
+    clock.lap("client")
 
     # 4. inversions and scores
     weights = _layer_weights(model, layers)
@@ -608,14 +682,16 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
                 targets = [{n.replace(".", "_"): -client.delta_b[n][k] / lr for n in layers} for k in range(n_batches)]
                 targets = [{f"b.{k_}": v for k_, v in t.items()} for t in targets]
                 cand = _invert(view, targets, setting, options, None, seed, prior_labels=attack.endswith("_sds"))
+            clock.lap("inversion")
             scores, matched = _score(cand, setting, baseline)
+            clock.lap("scoring")
             if cached:
                 setting.cache[key] = (scores, matched)
         images[attack] = matched
         for k_, v in scores.items():
             record[f"{attack}_{k_}"] = v
     record["n_private_used"] = n_used
-    return CellResult(record, images, s.private[:n_used])
+    return CellResult(record, images, s.private[:n_used], clock.seconds())
 
 
 def cell_options_dict(options: CellOptions) -> dict:

@@ -147,6 +147,14 @@ def _meta_unet(config: DDPMConfig) -> nn.Module:
     return build_unet(config).to("meta")
 
 
+def unet_from_state_dict(config: DDPMConfig, state: dict[str, Tensor]) -> nn.Module:
+    """The ``UNet2DModel`` of ``config`` holding the tensors of ``state`` (adopted as they are, device and
+    dtype included: no initialisation to pay for, no dtype cast of diffusers), in eval mode."""
+    unet = copy.deepcopy(_meta_unet(config))
+    unet.load_state_dict(state, assign=True)
+    return unet.eval()
+
+
 def alpha_bar(config: DDPMConfig, t: int) -> float:
     """abar_t = prod_{s <= t} (1 - beta_s) for the paper's t in [1, T]."""
     t = check_timestep(config, t)
@@ -254,10 +262,7 @@ class DDPMEnsemble:
 
     def model(self, m: int) -> nn.Module:
         """Member ``m`` as an ordinary ``UNet2DModel`` (a copy of its weights), in eval mode."""
-        unet = copy.deepcopy(_meta_unet(self.config))  # a weightless skeleton: no initialisation to pay for
-        # assign=True adopts the stored tensors (device and dtype included) without diffusers' dtype cast
-        unet.load_state_dict({k: v.detach().clone() for k, v in self.member_params(m).items()}, assign=True)
-        return unet.eval()
+        return unet_from_state_dict(self.config, {k: v.detach().clone() for k, v in self.member_params(m).items()})
 
     def functional(self, params: dict[str, Tensor], x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """eps_theta(x, t, c) of the member whose (unstacked) parameters are ``params``.
