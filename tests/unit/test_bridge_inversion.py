@@ -1,13 +1,14 @@
-"""Inverting Gradients of chapter 06: the matching loss and TV against hand computations, and the batched
-attack on a one-hidden-layer model of 4x4 images."""
+"""Inverting Gradients of chapter 06: the matching loss and TV against hand computations, the batched
+attack on a one-hidden-layer model of 4x4 images, and several targets inverted as one batch against
+each inverted alone."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from imprint.bridge.inversion import (decay_milestones, gradient_matching_loss, invert_gradients, model_gradients,
-                                      total_variation)
+from imprint.bridge.inversion import (decay_milestones, gradient_matching_loss, invert_gradients,
+                                      invert_gradients_batch, model_gradients, total_variation)
 
 D = torch.float64
 SHAPE = (1, 1, 4, 4)
@@ -156,3 +157,89 @@ def test_one_restart_against_adam_on_signed_autograd_gradients_written_out(one_t
         step = lr * 0.1 ** sum(t - 1 >= k for k in (3, 5, 7))
         x = (x - step * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)).clamp(*box)
     torch.testing.assert_close(result.images, x, rtol=0, atol=1e-10)
+
+
+def _targets(seed):
+    """The model and labels of :func:`_case`, and three targets: the true gradient, a noisy one and a random
+    one of the same norm per layer."""
+    model, image, labels, true_grads, gen = _case(seed)
+    noisy = {n: g + 0.3 * g.norm() / g.numel() ** 0.5 * torch.randn(g.shape, generator=gen, dtype=D)
+             for n, g in true_grads.items()}
+    random = {}
+    for n, g in true_grads.items():
+        r = torch.randn(g.shape, generator=gen, dtype=D)
+        random[n] = r * g.norm() / r.norm()
+    return model, labels, [true_grads, noisy, random]
+
+
+def test_targets_inverted_as_one_batch_equal_each_target_inverted_alone(one_torch_thread):
+    model, labels, targets = _targets(5)
+    weights = [None, [1.0, 0.0, 2.0, 0.5], [0.0, 0.0, 1.0, 1.0]]  # per layer: 1.weight, 1.bias, 3.weight, 3.bias
+    kw = dict(steps=40, lr=0.1, tv_weight=1e-3, restarts=2, seed=3)
+    batched = invert_gradients_batch(model, targets, labels, SHAPE, weights=weights, **kw)
+    assert len(batched) == 3
+    for target, w, got in zip(targets, weights, batched):
+        alone = invert_gradients(model, target, labels, SHAPE, weights=w, **kw)
+        assert got.candidates.shape == (2, *SHAPE) and got.best == alone.best
+        torch.testing.assert_close(got.candidates, alone.candidates, rtol=0, atol=1e-10)
+        torch.testing.assert_close(got.losses, alone.losses, rtol=0, atol=1e-12)
+        assert torch.equal(got.images, got.candidates[got.best])
+    # the targets' layer weights matter: the same gradients unweighted end elsewhere
+    plain = invert_gradients_batch(model, targets, labels, SHAPE, **kw)
+    assert float((plain[1].candidates - batched[1].candidates).abs().max()) > 1e-3
+
+
+def test_prior_weights_per_target_and_a_target_without_prior_ignores_its_draws(one_torch_thread):
+    model, labels, targets = _targets(6)
+    kw = dict(steps=30, lr=0.1, tv_weight=1e-3, restarts=2, seed=1)
+    seen = []
+
+    def noisy_prior(x):  # random draws, and a record of what it was given
+        seen.append(x.shape)
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    gen = torch.Generator().manual_seed(0)
+    mixed = invert_gradients_batch(model, targets, labels, SHAPE, prior=noisy_prior, prior_weights=[0.0, 0.5, 0.0],
+                                   **kw)
+    assert seen and all(s == (1, 2, *SHAPE) for s in seen)  # only the weighted target's candidates
+    for i in (0, 2):
+        alone = invert_gradients(model, targets[i], labels, SHAPE, **kw)
+        torch.testing.assert_close(mixed[i].candidates, alone.candidates, rtol=0, atol=1e-10)
+    # the weighted target is the one-target inversion with the same prior and the same draws
+    gen = torch.Generator().manual_seed(0)
+    alone = invert_gradients(model, targets[1], labels, SHAPE, prior=lambda x: noisy_prior(x[None])[0],
+                             prior_weight=0.5, **kw)
+    torch.testing.assert_close(mixed[1].candidates, alone.candidates, rtol=0, atol=1e-10)
+    unweighted = invert_gradients(model, targets[1], labels, SHAPE, **kw)
+    assert float((mixed[1].candidates - unweighted.candidates).abs().max()) > 1e-3
+    # a pull to 0.3 for the first and last targets only, each by its own weight
+    pulled = invert_gradients_batch(model, targets, labels, SHAPE, prior=lambda x: x - 0.3,
+                                    prior_weights=[1e6, 0.0, 1e-3], **kw)
+    for i, w in ((0, 1e6), (2, 1e-3)):
+        alone = invert_gradients(model, targets[i], labels, SHAPE, prior=lambda x: x - 0.3, prior_weight=w, **kw)
+        torch.testing.assert_close(pulled[i].candidates, alone.candidates, rtol=0, atol=1e-10)
+    free = invert_gradients(model, targets[0], labels, SHAPE, **kw)
+    assert float((pulled[0].candidates - 0.3).abs().mean()) < 0.5 * float((free.candidates - 0.3).abs().mean())
+    torch.testing.assert_close(pulled[1].candidates, unweighted.candidates, rtol=0, atol=1e-10)
+
+
+def test_bad_batched_input_is_refused_naming_the_parameter():
+    model, labels, targets = _targets(0)
+    kw = dict(steps=2, restarts=1)
+    cases = [
+        (dict(targets=[]), r"targets is empty: expected at least one target gradient"),
+        (dict(weights=[None]), r"weights has 1 entries: expected one per target \(3\)"),
+        (dict(weights=[None, [1.0, 1.0], None]), r"weights\[1\] has 2 entries: expected one per parameter \(4\)"),
+        (dict(prior_weights=[0.0, 0.0]), r"prior_weights has 2 entries: expected one per target \(3\)"),
+        (dict(prior_weights=[0.0, -1.0, 0.0]), r"prior_weights\[1\]=-1.0: expected a value >= 0"),
+        (dict(prior_weights=[0.0, 0.5, 0.0]), r"prior_weights=\[0.0, 0.5, 0.0\]: expected a prior to weigh"),
+        (dict(targets=[targets[0], {"1.weight": targets[1]["1.weight"]}, targets[2]]),
+         r"targets\[1\] has keys \['1.weight'\]"),
+        (dict(targets=[targets[0], targets[1], [t.reshape(-1) for t in targets[2].values()]]),
+         r"targets\[2\] has shapes"),
+        (dict(steps=0), r"steps=0: expected a value >= 1"),
+    ]
+    for change, message in cases:
+        args = {"targets": targets, **kw, **change}
+        with pytest.raises(ValueError, match=message):
+            invert_gradients_batch(model, args.pop("targets"), labels, SHAPE, **args)

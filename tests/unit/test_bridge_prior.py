@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imprint.bridge.inversion import invert_gradients, model_gradients
-from imprint.bridge.prior import SDSOptions, sds_gradient, sds_prior, unet_epsilon
+from imprint.bridge.prior import SDSOptions, sds_gradient, sds_prior, sds_priors, unet_epsilon
 
 D = torch.float64
 
@@ -56,6 +56,32 @@ def test_drawn_timesteps_stay_in_the_range_and_the_stream_is_seeded():
     assert t.shape == (10,) and int(t.min()) >= round(0.2 * 49) and int(t.max()) <= round(0.4 * 49)
     again = sds_prior(record, abar, options, seed=3)(x)
     torch.testing.assert_close(out, again, rtol=0, atol=0)
+
+
+def test_stacked_priors_draw_each_slice_from_its_own_stream_in_one_denoiser_call():
+    abar = torch.linspace(0.999, 0.01, 50, dtype=D)
+    calls = []
+
+    def eps(x_t, t_index):  # depends on x_t and t, so equal outputs need equal draws
+        calls.append(x_t.shape[0])
+        return 0.5 * x_t + abar[t_index].view(-1, 1, 1, 1)
+
+    options = SDSOptions(t_min=0.1, t_max=0.9)
+    x = torch.rand(3, 2, 4, 1, 3, 3, dtype=D)  # targets x restarts x batch
+    seeds = [3, 5, 3]
+    stacked = sds_priors(eps, abar, seeds, options)
+    for _ in range(2):  # each call a fresh draw of every stream
+        calls.clear()
+        got = stacked(x)
+        assert calls == [24] and got.shape == x.shape
+    for i, s in enumerate(seeds):
+        alone = sds_prior(eps, abar, options, seed=s)
+        alone(x[i])  # the first draw; got is the second
+        torch.testing.assert_close(got[i], alone(x[i]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 2, 4, 1, 3, 3\): expected \(3, ..., channels"):
+        stacked(x[:2])
+    with pytest.raises(ValueError, match=r"seeds is empty"):
+        sds_priors(eps, abar, [], options)
 
 
 def test_the_prior_enters_the_signed_step_and_a_heavy_one_wins():

@@ -15,7 +15,10 @@ candidate moves by Adam on the sign of the objective's gradient, is projected in
 step, and its step size decays tenfold at 3/8, 5/8 and 7/8 of the iterations; several restarts run as one
 batch along a leading axis (``torch.func.vmap`` of ``grad`` of a ``functional_call``) and the one with the
 lowest final matching loss is returned. Adam acts element by element, so the batch is exactly the
-restarts run one at a time. Written here rather than imported: ``inversefed`` and ``breaching`` are
+restarts run one at a time. :func:`invert_gradients_batch` stacks several target gradients of one model
+and one label set the same way (every target and restart one candidate along the leading axes, each
+target with its own layer weights and prior weight), so several attacks cost one optimisation's kernel
+launches. Written here rather than imported: ``inversefed`` and ``breaching`` are
 research code bases, not maintained libraries, and run restarts one after the other.
 """
 
@@ -105,6 +108,27 @@ def decay_milestones(steps: int) -> list[int]:
     return [int(steps * f) for f in DECAY_FRACTIONS]
 
 
+def _ordered_target(target: Mapping[str, Tensor] | Sequence[Tensor], params: Mapping[str, Tensor],
+                    name: str) -> list[Tensor]:
+    """``target`` as a list in ``params`` order, its keys and shapes checked against ``params``."""
+    names = list(params)
+    if isinstance(target, Mapping):
+        if set(target) != set(names):
+            raise ValueError(f"{name} has keys {sorted(target)}: expected the parameters of model {sorted(names)}")
+        target = [target[n] for n in names]
+    else:
+        target = list(target)
+    if len(target) != len(names) or any(t.shape != params[n].shape for t, n in zip(target, names)):
+        raise ValueError(f"{name} has shapes {[tuple(t.shape) for t in target]}: expected those of the "
+                         f"parameters of model {[tuple(p.shape) for p in params.values()]}")
+    return target
+
+
+def _check_layer_weights(weights: Sequence[float] | None, n_layers: int, name: str) -> None:
+    if weights is not None and len(weights) != n_layers:
+        raise ValueError(f"{name} has {len(weights)} entries: expected one per parameter ({n_layers})")
+
+
 def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequence[Tensor],
                      labels: Int[Tensor, " batch"], shape: Sequence[int], steps: int, lr: float = 0.1,
                      tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
@@ -121,10 +145,53 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     ``prior`` (e.g. :func:`imprint.bridge.prior.sds_prior`) maps the stack of candidates
     ``[restarts, *shape]`` to a gradient of the same shape, added times ``prior_weight`` to the
     objective's gradient before its sign is taken; the matching loss that ranks restarts leaves it out.
+    One target of :func:`invert_gradients_batch`.
     """
     prior_weight = require_float("prior_weight", prior_weight, minimum=0.0)
     if prior_weight > 0 and prior is None:
         raise ValueError(f"prior_weight={prior_weight}: expected a prior to weigh (prior is None)")
+    params = _parameters(model)
+    target = _ordered_target(target_grads, params, "target_grads")
+    _check_layer_weights(weights, len(params), "weights")
+    stacked = None if prior is None else (lambda x: prior(x[0]).unsqueeze(0))
+    return invert_gradients_batch(model, [target], labels, shape, steps, lr=lr, tv_weight=tv_weight,
+                                  restarts=restarts, seed=seed, box=box, device=device, weights=[weights],
+                                  prior=stacked, prior_weights=[prior_weight])[0]
+
+
+def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tensor] | Sequence[Tensor]],
+                           labels: Int[Tensor, " batch"], shape: Sequence[int], steps: int, lr: float = 0.1,
+                           tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
+                           box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                           weights: Sequence[Sequence[float] | None] | None = None,
+                           prior: Callable[[Tensor], Tensor] | None = None,
+                           prior_weights: Sequence[float] | None = None) -> list[InversionResult]:
+    """:func:`invert_gradients` of several target gradients under one model and one set of labels, as one
+    optimisation: one result per target, in order.
+
+    Every (target, restart) pair is one candidate along the leading axes ``[targets, restarts]``; restart
+    ``k`` of every target starts from the draw of a generator seeded with ``seed + k``, and Adam, the sign
+    and the box act element by element, so target ``i`` comes out as ``invert_gradients`` of
+    ``targets[i]`` with ``weights[i]`` and ``prior_weights[i]`` would give it. ``weights[i]`` are target
+    ``i``'s layer weights (``None``: all 1; ``weights=None``: ``None`` for every target);
+    ``prior_weights[i]`` its prior's weight (default: 0, no prior). ``prior`` maps the stack
+    ``[m, restarts, *shape]`` of the candidates of the ``m`` targets with a positive prior weight, in
+    order, to a gradient of the same shape (e.g. :func:`imprint.bridge.prior.sds_priors`, one stream per
+    target); it never sees the other targets' candidates, so theirs do not depend on its draws.
+    """
+    if len(targets) < 1:
+        raise ValueError("targets is empty: expected at least one target gradient")
+    n_targets = len(targets)
+    if weights is None:
+        weights = [None] * n_targets
+    if prior_weights is None:
+        prior_weights = [0.0] * n_targets
+    for name, values in (("weights", weights), ("prior_weights", prior_weights)):
+        if len(values) != n_targets:
+            raise ValueError(f"{name} has {len(values)} entries: expected one per target ({n_targets})")
+    prior_weights = [require_float(f"prior_weights[{i}]", w, minimum=0.0) for i, w in enumerate(prior_weights)]
+    if prior is None and any(w > 0 for w in prior_weights):
+        raise ValueError(f"prior_weights={prior_weights}: expected a prior to weigh (prior is None)")
     steps = require_int("steps", steps, minimum=1)
     lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
     tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
@@ -141,49 +208,55 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     device = torch.device(device)
     params = _parameters(model, device)
     names = list(params)
-    if isinstance(target_grads, Mapping):
-        if set(target_grads) != set(names):
-            raise ValueError(f"target_grads has keys {sorted(target_grads)}: expected the parameters of model "
-                             f"{sorted(names)}")
-        target = [target_grads[n] for n in names]
-    else:
-        target = list(target_grads)
-    if len(target) != len(names) or any(t.shape != params[n].shape for t, n in zip(target, names)):
-        raise ValueError(f"target_grads has shapes {[tuple(t.shape) for t in target]}: expected those of the "
-                         f"parameters of model {[tuple(p.shape) for p in params.values()]}")
-    if weights is not None and len(weights) != len(names):
-        raise ValueError(f"weights has {len(weights)} entries: expected one per parameter ({len(names)})")
+    ordered = [_ordered_target(t, params, f"targets[{i}]") for i, t in enumerate(targets)]
+    for i, w in enumerate(weights):
+        _check_layer_weights(w, len(names), f"weights[{i}]")
     dtype = next(iter(params.values())).dtype
-    target = [t.detach().to(device, dtype) for t in target]
+    # one stack per layer, [targets, *parameter shape], and one row of layer weights per target
+    target = [torch.stack([t[j].detach().to(device, dtype) for t in ordered]) for j in range(len(names))]
+    layer_weights = torch.tensor([[1.0] * len(names) if w is None else [float(v) for v in w] for w in weights],
+                                 dtype=dtype, device=device)
     labels = labels.to(device)
 
-    def matching(x: Tensor) -> Tensor:
+    def matching(x: Tensor, target: list[Tensor], w: Tensor) -> Tensor:
         g = grad(lambda p: _loss(model, p, x, labels))(params)
-        return gradient_matching_loss([g[n] for n in names], target, weights)
+        return gradient_matching_loss([g[n] for n in names], target, w)
 
-    def objective(x: Tensor) -> tuple[Tensor, Tensor]:
-        match = matching(x)
+    def objective(x: Tensor, target: list[Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
+        match = matching(x, target, w)
         return match + tv_weight * total_variation(x), match
 
-    step_direction = vmap(grad(objective, has_aux=True))
+    def over_candidates(fn: Callable) -> Callable:
+        """``fn`` over ``[targets, restarts]``: restarts share their target's gradient and weights."""
+        return vmap(vmap(fn, in_dims=(0, None, None)), in_dims=(0, 0, 0))
+
+    step_direction = over_candidates(grad(objective, has_aux=True))
     starts = []
     for k in range(restarts):
         gen = torch.Generator(device).manual_seed(seed + k)
         starts.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
-    x = torch.stack(starts)
+    x = torch.stack(starts).unsqueeze(0).repeat(n_targets, *[1] * (len(shape) + 1))
+    with_prior = [i for i, w in enumerate(prior_weights) if w > 0]
+    prior_scale = torch.tensor([prior_weights[i] for i in with_prior], dtype=dtype,
+                               device=device).view(-1, *[1] * (len(shape) + 1))
     optimizer = torch.optim.Adam([x], lr=lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay_milestones(steps), gamma=0.1)
     for _ in range(steps):
-        direction, _ = step_direction(x)
-        if prior is not None and prior_weight > 0:
-            direction = direction + prior_weight * prior(x.detach())
+        direction, _ = step_direction(x, target, layer_weights)
+        if with_prior:
+            direction[with_prior] += prior_scale * prior(x.detach()[with_prior])
         x.grad = direction.sign()
         optimizer.step()
         schedule.step()
         with torch.no_grad():
             x.clamp_(lo, hi)
     with torch.no_grad():
-        losses = vmap(matching)(x)
+        losses = over_candidates(matching)(x, target, layer_weights)
     losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
-    best = int(torch.argmin(losses))
-    return InversionResult(images=x[best].clone(), candidates=x.detach(), losses=losses, best=best)
+    candidates = x.detach()
+    out = []
+    for i in range(n_targets):
+        best = int(torch.argmin(losses[i]))
+        out.append(InversionResult(images=candidates[i, best].clone(), candidates=candidates[i].clone(),
+                                   losses=losses[i].clone(), best=best))
+    return out
