@@ -216,3 +216,31 @@ def test_a_cell_reports_the_seconds_of_its_stages(setting, tmp_path):
     assert set(cell.seconds) == {"pairs", "decoders", "client", "inversion", "scoring"}
     assert all(v >= 0 for v in cell.seconds.values()) and cell.seconds["inversion"] > 0
     assert run_cell(setting, CellOptions(rank=2, **FAST), tmp_path / "c", ("true", "decoded")).seconds == cell.seconds
+
+
+def test_a_cells_attacks_run_as_one_batch_per_model_and_cached_ones_are_not_rerun(setting, tmp_path, monkeypatch):
+    import imprint.bridge.experiment as experiment
+
+    calls, real = [], experiment.invert_gradients_batch
+
+    def spy(model, targets, *args, **kwargs):
+        calls.append((isinstance(model, LoRAView), len(targets)))
+        return real(model, targets, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "invert_gradients_batch", spy)
+    attacks = ("true", "decoded", "lora", "random", "true_all")
+    setting.cache.clear()
+    opts = CellOptions(rank=2, **FAST)
+    together = run_cell(setting, opts, tmp_path / "a", attacks)
+    assert calls == [(False, 4), (True, 1)]  # one private batch: the target's four attacks, then the view's one
+    calls.clear()
+    run_cell(setting, CellOptions(rank=2, proxy="in", **FAST), tmp_path / "b", attacks)
+    assert calls == [(False, 1)]  # the decoded attack alone: the others are cached for this rank
+    calls.clear()
+    run_cell(setting, CellOptions(rank=1, **FAST), tmp_path / "c", attacks)
+    assert calls == [(False, 1), (True, 1)]  # a new rank: the direct attack again
+    for a in attacks:  # each attack alone on an empty cache gives what it gave in the batch
+        setting.cache.clear()
+        alone = run_cell(setting, opts, tmp_path / "a", (a,))
+        torch.testing.assert_close(alone.images[a], together.images[a], rtol=0, atol=1e-5)
+        assert alone.record[f"{a}_psnr"] == pytest.approx(together.record[f"{a}_psnr"], abs=1e-3)

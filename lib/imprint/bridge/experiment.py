@@ -28,7 +28,10 @@ for one rank, one seed and one proxy distribution, does:
 
 :func:`prepare_setting` builds what does not depend on the rank (data, target, prior); :func:`run_cell`
 runs one rank and one proxy distribution on it, and caches in the setting the attacks that need no proxy
-(true gradient and random control once per setting, the direct LoRA attack once per rank).
+(true gradient and random control once per setting, the direct LoRA attack once per rank). The attacks a
+cell still has to compute are inverted as one batch per model and private batch
+(:func:`~imprint.bridge.inversion.invert_gradients_batch`): those through the target (true, random,
+decoded, with and without the prior) together, the direct ones through the LoRA view together.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,11 +49,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from imprint.bridge.decoders import decoded_cosine, fit_ridge_lift, min_norm_lift
-from imprint.bridge.inversion import invert_gradients, model_gradients
+from imprint.bridge.inversion import invert_gradients_batch, model_gradients
 from imprint.bridge.learned import DecoderOptions, LearnedDecoder, fit_decoder
 from imprint.bridge.pairs import PairOptions, generate_pairs, load_pairs
 from imprint.bridge.per_example import lora_step_pairs
-from imprint.bridge.prior import SDSOptions, sds_prior, unet_epsilon
+from imprint.bridge.prior import SDSOptions, sds_priors, unet_epsilon
 from imprint.bridge.targets import (PretrainOptions, TargetOptions, accuracy, init_lora_factors, lora_targets,
                                     make_target, pretrain)
 from imprint.runtime.checks import require_choice, require_float, require_int, require_positive
@@ -488,26 +491,41 @@ def _baseline(setting: Setting, n: int):
     return setting.cache[key]
 
 
-def _invert(model: nn.Module, targets: Sequence[Mapping[str, Tensor]], setting: Setting, options: CellOptions,
-            weights: Sequence[float] | None, seed: int, prior_labels: bool = False) -> Tensor:
-    """Every private batch inverted from its target gradient; the batches' reconstructions concatenated."""
+class _Attack(NamedTuple):
+    """One attack's inversion: a target gradient per private batch, the layer weights (``None``: all 1),
+    and whether the prior joins the matching."""
+
+    targets: Sequence[Mapping[str, Tensor]]
+    weights: Sequence[float] | None
+    prior: bool
+
+
+def _invert(model: nn.Module, attacks: Mapping[str, _Attack], setting: Setting, options: CellOptions,
+            seed: int) -> dict[str, Tensor]:
+    """Every private batch inverted from each attack's target gradient, the attacks through one model as one
+    batch of targets (:func:`invert_gradients_batch`); per attack, the batches' reconstructions
+    concatenated. Each attack with the prior draws from its own stream, seeded by the batch alone, so an
+    attack's reconstructions do not depend on which other attacks share its batch."""
     s = setting.splits
     b = options.batch_size
     shape = (b, *s.private.shape[1:])
-    out = []
-    for k, target in enumerate(targets):
+    names = list(attacks)
+    with_prior = [a for a in names if attacks[a].prior]
+    out: dict[str, list[Tensor]] = {a: [] for a in names}
+    for k in range(len(attacks[names[0]].targets)):
         labels = s.private_labels[k * b:(k + 1) * b].to(setting.device)
         prior = None
-        if prior_labels:
-            eps = unet_epsilon(setting.unet, labels)
-            prior = sds_prior(eps, setting.alphas_cumprod, SDSOptions(box=(0.0, 1.0)), seed=seed + 7919 * k,
-                              device=setting.device)
-        res = invert_gradients(model, target, labels, shape, steps=options.invert_steps, lr=options.invert_lr,
-                               tv_weight=options.tv_weight, restarts=options.restarts, seed=seed + 1000 * k,
-                               device=setting.device, weights=weights, prior=prior,
-                               prior_weight=options.sds_weight if prior_labels else 0.0)
-        out.append(res.images.detach().cpu())
-    return torch.cat(out)
+        if with_prior:
+            prior = sds_priors(unet_epsilon(setting.unet, labels), setting.alphas_cumprod,
+                               [seed + 7919 * k] * len(with_prior), SDSOptions(box=(0.0, 1.0)), device=setting.device)
+        results = invert_gradients_batch(model, [attacks[a].targets[k] for a in names], labels, shape,
+                                         steps=options.invert_steps, lr=options.invert_lr, tv_weight=options.tv_weight,
+                                         restarts=options.restarts, seed=seed + 1000 * k, device=setting.device,
+                                         weights=[attacks[a].weights for a in names], prior=prior,
+                                         prior_weights=[options.sds_weight if a in with_prior else 0.0 for a in names])
+        for a, res in zip(names, results):
+            out[a].append(res.images.detach().cpu())
+    return {a: torch.cat(v) for a, v in out.items()}
 
 
 def _full_targets(model: nn.Module, layer_grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -517,6 +535,32 @@ def _full_targets(model: nn.Module, layer_grads: Mapping[str, Tensor]) -> dict[s
 
 def _layer_weights(model: nn.Module, layers: Sequence[str]) -> list[float]:
     return [1.0 if n in layers else 0.0 for n, _ in model.named_parameters()]
+
+
+def _attack_key(attack: str, options: CellOptions) -> tuple:
+    """The cache key of an attack's scores: what its inversion depends on beyond the setting."""
+    key = ("attack", attack, options.batch_size, options.invert_steps, options.invert_lr, options.tv_weight,
+           options.restarts)
+    if attack.startswith("lora"):  # the direct attack needs no proxy: shared by both proxy distributions
+        key = key + (options.rank, options.lora_lr)
+    if attack.endswith("_sds"):
+        key = key + (options.sds_weight,)
+    return key
+
+
+def _random_targets(model: nn.Module, true_grads: Sequence[Mapping[str, Tensor]], layers: Sequence[str],
+                    seed: int) -> list[dict[str, Tensor]]:
+    """The control's targets: per private batch and adapted layer, a standard normal draw scaled to the norm
+    of the true gradient, zeros elsewhere."""
+    gen = torch.Generator().manual_seed(seed + 4242)
+    targets = []
+    for g in true_grads:
+        rnd = {}
+        for n in layers:
+            z = torch.randn(g[n].shape, generator=gen, dtype=torch.float64)
+            rnd[n] = (z * g[n].norm().double().cpu() / z.norm()).to(g[n].dtype).to(g[n].device)
+        targets.append(_full_targets(model, rnd))
+    return targets
 
 
 def _split_pairs(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -644,49 +688,49 @@ def _compute_cell(setting: Setting, options: CellOptions, folder: str | Path, at
                                            for k in range(n_batches) for layer in layers]))
     clock.lap("client")
 
-    # 4. inversions and scores
+    # 4. inversions and scores: the attacks not cached yet, those through the target as one batch and those
+    # through the LoRA view as another
     weights = _layer_weights(model, layers)
     baseline = _baseline(setting, n_used)
-    images: dict[str, Tensor] = {}
     runs = [a for a in attacks if not a.endswith("_sds") or options.sds_weight > 0]
-    for attack in runs:
-        key = ("attack", attack, b, options.invert_steps, options.invert_lr, options.tv_weight, options.restarts)
-        if attack.startswith("lora"):  # the direct attack needs no proxy: shared by both proxy distributions
-            key = key + (options.rank, options.lora_lr)
-        if attack.endswith("_sds"):
-            key = key + (options.sds_weight,)
-        cached = not attack.startswith("decoded")
-        if cached and key in setting.cache:
-            scores, matched = setting.cache[key]
+    keys = {a: _attack_key(a, options) for a in runs}
+    cached = {a: not a.startswith("decoded") for a in runs}
+    pending = [a for a in runs if not (cached[a] and keys[a] in setting.cache)]
+    through_model: dict[str, _Attack] = {}
+    through_view: dict[str, _Attack] = {}
+    random_targets = lora_b_targets = None
+    for attack in pending:
+        sds = attack.endswith("_sds")
+        if attack == "true_all":
+            through_model[attack] = _Attack(true_grads, None, False)
+        elif attack == "true":
+            through_model[attack] = _Attack([_full_targets(model, {n: g[n] for n in layers}) for g in true_grads],
+                                            weights, False)
+        elif attack in ("random", "random_sds"):  # the same random gradients, without and with the prior
+            if random_targets is None:
+                random_targets = _random_targets(model, true_grads, layers, seed)
+            through_model[attack] = _Attack(random_targets, weights, sds)
+        elif attack.startswith("decoded"):
+            through_model[attack] = _Attack([_full_targets(model, g) for g in decoded_private], weights, sds)
         else:
-            if attack == "true_all":
-                cand = _invert(model, true_grads, setting, options, None, seed)
-            elif attack == "true":
-                targets = [_full_targets(model, {n: g[n] for n in layers}) for g in true_grads]
-                cand = _invert(model, targets, setting, options, weights, seed)
-            elif attack in ("random", "random_sds"):  # the same random gradients, without and with the prior
-                gen = torch.Generator().manual_seed(seed + 4242)
-                targets = []
-                for g in true_grads:
-                    rnd = {}
-                    for n in layers:
-                        z = torch.randn(g[n].shape, generator=gen, dtype=torch.float64)
-                        rnd[n] = (z * g[n].norm().double().cpu() / z.norm()).to(g[n].dtype).to(dev)
-                    targets.append(_full_targets(model, rnd))
-                cand = _invert(model, targets, setting, options, weights, seed, prior_labels=attack.endswith("_sds"))
-            elif attack.startswith("decoded"):
-                targets = [_full_targets(model, g) for g in decoded_private]
-                cand = _invert(model, targets, setting, options, weights, seed, prior_labels=attack.endswith("_sds"))
-            else:
-                view = LoRAView(model, lora_a, scaling).to(dev)
-                targets = [{n.replace(".", "_"): -client.delta_b[n][k] / lr for n in layers} for k in range(n_batches)]
-                targets = [{f"b.{k_}": v for k_, v in t.items()} for t in targets]
-                cand = _invert(view, targets, setting, options, None, seed, prior_labels=attack.endswith("_sds"))
-            clock.lap("inversion")
-            scores, matched = _score(cand, setting, baseline)
-            clock.lap("scoring")
-            if cached:
-                setting.cache[key] = (scores, matched)
+            if lora_b_targets is None:
+                lora_b_targets = [{f"b.{n.replace('.', '_')}": -client.delta_b[n][k] / lr for n in layers}
+                                  for k in range(n_batches)]
+            through_view[attack] = _Attack(lora_b_targets, None, sds)
+    candidates: dict[str, Tensor] = {}
+    if through_model:
+        candidates.update(_invert(model, through_model, setting, options, seed))
+    if through_view:
+        candidates.update(_invert(LoRAView(model, lora_a, scaling).to(dev), through_view, setting, options, seed))
+    if pending:
+        clock.lap("inversion")
+    scored = {a: _score(candidates[a], setting, baseline) for a in pending}
+    if pending:
+        clock.lap("scoring")
+    setting.cache.update({keys[a]: scored[a] for a in pending if cached[a]})
+    images: dict[str, Tensor] = {}
+    for attack in runs:
+        scores, matched = scored[attack] if attack in scored else setting.cache[keys[attack]]
         images[attack] = matched
         for k_, v in scores.items():
             record[f"{attack}_{k_}"] = v
