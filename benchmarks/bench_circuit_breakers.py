@@ -40,6 +40,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def interleaved_rounds(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds of each of ``fns`` (name -> callable) in ``repeats`` interleaved rounds, the device
+    synchronised around every call; each runs once first (warm-up)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def _model(name: str, device: torch.device, layers: int, width: int):
     if name == "smollm2":
         from imprint.models.lm import load_causal_lm
@@ -91,16 +107,7 @@ def main() -> None:
     def reroute() -> None:
         rerouting_step(wrapped, cb, retain, config, step=config.max_steps // 2, optimizer=optimizer)
 
-    times = {"plain LoRA step": [], "rerouting step": []}
-    for fn in (plain, reroute):  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in (("plain LoRA step", plain), ("rerouting step", reroute)):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_rounds({"plain LoRA step": plain, "rerouting step": reroute}, args.repeats, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["rerouting step"] / med["plain LoRA step"]
     result = {"device": describe_device(device), "model": args.model, "target_layers": args.target_layers,
