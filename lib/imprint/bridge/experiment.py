@@ -287,6 +287,17 @@ def _ddpm_config(image_size: int, n_classes: int, options: SettingOptions):
 SETTING_FILE = "setting-seed{seed}.safetensors"
 
 
+def _read_keyed(path: Path, key: object) -> tuple[dict, dict[str, Tensor]] | None:
+    """The metadata and tensors of the result file at ``path`` when it exists and was written under
+    ``key``; ``None`` otherwise (the caller computes, and writes the file under its key)."""
+    from imprint.runtime.io import load_tensor_metadata, load_tensors
+
+    if not path.is_file():
+        return None
+    meta = load_tensor_metadata(path)
+    return (meta, load_tensors(path)) if meta.get("key") == key else None
+
+
 def prepare_setting(options: SettingOptions, seed: int, device: str | torch.device = "cpu",
                     folder: str | Path | None = None) -> Setting:
     """Splits, cross-distribution patches, the target pretrained on the public images (Adam, seeded), and,
@@ -311,15 +322,16 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
 
         config = _ddpm_config(size, splits.n_classes, options)
         abar = alphas_cumprod(config).to(device)
-    from imprint.runtime.io import _to_jsonable, atomic_save_tensors, load_tensor_metadata, load_tensors
+    from imprint.runtime.io import _to_jsonable, atomic_save_tensors
 
     key = _to_jsonable({"setting": asdict(options), "seed": seed})
     path = None if folder is None else Path(folder) / SETTING_FILE.format(seed=seed)
     seconds = {"seconds_pretrain": 0.0, "seconds_ddpm": 0.0}
-    if path is not None and path.is_file() and load_tensor_metadata(path).get("key") == key:
-        tensors = load_tensors(path)
+    stored = None if path is None else _read_keyed(path, key)
+    if stored is not None:
+        meta, tensors = stored
         model.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")})
-        acc = float(load_tensor_metadata(path)["target_accuracy"])
+        acc = float(meta["target_accuracy"])
         if config is not None:
             from imprint.models.ddpm import unet_from_state_dict
 
@@ -586,13 +598,14 @@ def run_cell(setting: Setting, options: CellOptions, folder: str | Path,
     check_cell(setting, options)
     for a in attacks:
         require_choice("attacks", a, ATTACKS)
-    from imprint.runtime.io import _to_jsonable, atomic_save_tensors, load_tensor_metadata, load_tensors
+    from imprint.runtime.io import _to_jsonable, atomic_save_tensors
 
     key = _to_jsonable({"setting": asdict(setting.options), "seed": setting.seed, "cell": cell_options_dict(options),
                         "attacks": list(attacks)})
     path = Path(folder) / CELL_FILE
-    if path.is_file() and load_tensor_metadata(path).get("key") == key:
-        meta, tensors = load_tensor_metadata(path), load_tensors(path)
+    stored = _read_keyed(path, key)
+    if stored is not None:
+        meta, tensors = stored
         record = {k: (math.nan if v is None else v) for k, v in meta["record"].items()}
         images = {k[len("images."):]: v for k, v in tensors.items() if k.startswith("images.")}
         return CellResult(record, images, tensors["private"], meta.get("seconds", {}))
