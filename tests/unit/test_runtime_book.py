@@ -49,6 +49,35 @@ def test_stderr_loses_progress_bars_and_machine_paths_but_keeps_the_warning():
                      "saved results/00_x/a.pt\n", "PosixPath('results/a.pt')"]
 
 
+def test_a_part_that_did_not_run_is_shown_as_not_run():
+    import nbformat
+
+    from imprint.runtime.book import show_not_run
+
+    def glued(name, text):
+        return nbformat.v4.new_output("display_data", data={"application/papermill.record/text/plain": text},
+                                      metadata={"scrapbook": {"name": name, "mime_prefix": "application/papermill.record/"}})
+
+    def figure(*outputs):
+        cell = nbformat.v4.new_code_cell("fig", metadata={"mystnb": {"figure": {"name": "fig-x"}}})
+        cell.outputs = list(outputs)
+        return cell
+
+    empty = {"text/plain": "<Figure size 704x396 with 0 Axes>"}
+    prose = nbformat.v4.new_markdown_cell("Memorised {glue:text}`a:.2f` of {glue:text}`b:.2f`; {glue:text}`c`.")
+    values = nbformat.v4.new_code_cell("glue")
+    values.outputs = [glued("a", "'(not run)'"), glued("b", "5.666"), glued("c", "'works'")]
+    drew_nothing = figure(nbformat.v4.new_output("execute_result", data=empty, execution_count=1),
+                          nbformat.v4.new_output("display_data", data=empty))
+    drew = figure(nbformat.v4.new_output("display_data", data={"image/png": "iVBO", "text/plain": "<Figure>"}))
+    plain = nbformat.v4.new_code_cell("plt.figure()")
+    plain.outputs = [nbformat.v4.new_output("display_data", data=empty)]
+    nb = show_not_run(nbformat.v4.new_notebook(cells=[prose, values, drew_nothing, drew, plain]))
+    assert nb.cells[0].source == "Memorised {glue:text}`a` of {glue:text}`b:.2f`; {glue:text}`c`."
+    assert [o["data"] for o in nb.cells[2].outputs] == [{"text/plain": "(not run)"}]
+    assert "image/png" in nb.cells[3].outputs[0]["data"] and nb.cells[4].outputs[0]["data"] == empty
+
+
 def test_the_parameters_that_applied_are_labelled():
     import nbformat
 

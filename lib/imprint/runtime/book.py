@@ -186,6 +186,36 @@ def clean_outputs(nb):
     return nb
 
 
+EMPTY_FIGURE = re.compile(r"^<Figure size [^>]* with 0 Axes>$")
+_GLUE_SPEC = re.compile(r"\{glue:text\}`([^`:]+):[^`]*`")
+
+
+def show_not_run(nb):
+    """The executed notebook as a run that switched a part off can be read: a value glued as text (the
+    notebooks glue ``(not run)`` for what was not computed) is shown as that text whatever number format
+    the prose asks of it, and a figure cell that drew nothing (only empty-figure reprs among its outputs)
+    shows ``(not run)`` once, so its label stays defined and is defined once."""
+    import nbformat
+
+    texts = set()
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            name = (out.get("metadata") or {}).get("scrapbook", {}).get("name")
+            value = next((v for k, v in out.get("data", {}).items() if k.endswith("text/plain")), None)
+            if name and isinstance(value, str) and value[:1] in "'\"":
+                texts.add(name)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and texts:
+            cell.source = _GLUE_SPEC.sub(lambda m: f"{{glue:text}}`{m.group(1)}`" if m.group(1) in texts
+                                         else m.group(0), cell.source)
+        outs = cell.get("outputs", [])
+        if (cell.cell_type == "code" and "figure" in cell.metadata.get("mystnb", {}) and outs
+                and all(EMPTY_FIGURE.match(o.get("data", {}).get("text/plain", "").strip()) and
+                        set(o.get("data", {})) == {"text/plain"} for o in outs)):
+            cell.outputs = [nbformat.v4.new_output("display_data", data={"text/plain": "(not run)"})]
+    return nb
+
+
 def label_parameters(nb, profile: str):
     """A line of prose before the parameters papermill injected (or after the defaults, when it injected
     none) saying which values this run used."""
@@ -281,7 +311,7 @@ def stage(profile: str, root: Path | None = None, folder: str | None = None) -> 
             nb = refresh_prose(nbformat.read(nb_path, as_version=4), read_notebook(root / "notebooks" / f"{name}.md"))
             if profile == RECORD and name in stale:
                 nb = stale_notice(nb, stale[name])
-            nbformat.write(label_parameters(clean_outputs(nb), profile), src / "notebooks" / f"{name}.ipynb")
+            nbformat.write(label_parameters(show_not_run(clean_outputs(nb)), profile), src / "notebooks" / f"{name}.ipynb")
         else:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
     toc = _filter_toc(yaml.safe_load((src / "_toc.yml").read_text()), sources)
