@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from imprint.runtime.book import stale_records
+from imprint.runtime.book import library_stale_sha, stale_records
 from imprint.runtime.params import all_notebooks, read_notebook
 from imprint.runtime.provenance import repo_root
 from imprint.runtime.runner import code_cells
@@ -32,6 +32,14 @@ def test_record_matches_source(record: Path):
     executed = code_cells(nbformat.read(record, as_version=4))
     changed = [i for i, (a, b) in enumerate(zip(source, executed)) if a != b]
     same = len(source) == len(executed) and not changed
+    ran = library_stale_sha(STALE.get(record.stem, ""))
+    if ran:  # the library changed under an unchanged chapter: the entry names the record it marks
+        sha = nbformat.read(record, as_version=4).metadata["imprint"]["provenance"]["git"]["sha"]
+        assert sha.startswith(ran) or ran.startswith(sha), (
+            f"book/stale.yml marks the record of {ran} but {record.relative_to(ROOT)} ran at {sha}: remove the "
+            f"entry if the rerun is in")
+        assert same, f"{record.relative_to(ROOT)} is stale: code cells {changed or 'count'} differ as well"
+        return
     if record.stem in STALE:  # its page says so; the entry goes with the rerun
         assert not same, f"{record.relative_to(ROOT)} matches its source: remove it from book/stale.yml"
         return

@@ -121,14 +121,36 @@ def test_unseparated_networks_take_the_constant_step():
     assert bool((normalised.step_scale == 0).all())
 
 
+def test_a_network_separated_by_chance_at_its_saddle_takes_the_constant_step():
+    """Every margin positive is not enough to switch: scaled down 100x (margins 10^6 times smaller, the
+    loss ln 2 to six digits) a separated network sits at the small initialisation's saddle, where
+    switching made every proposal too small to lower a float32 loss, so alpha shrank to zero and the
+    network never trained. It takes the constant step until its mean loss is below ln 2 / n."""
+    x, y = _data()
+    start = [w / 100 for w in _separated_start(x, y)]
+    out, _ = batched_forward(start, x)
+    assert bool((y * out[..., 0] > 0).all())
+    kw = dict(widths=(16, 16), lr=0.5, steps=5, first_layer_std=0.1, dtype="float64", log_every=1)
+    constant = train_mlps(x, y, TrainConfig(**kw), progress=False, initial_weights=start)
+    normalised = train_mlps(x, y, TrainConfig(schedule="normalised", **kw), progress=False, initial_weights=start)
+    for a, b in zip(constant.weights, normalised.weights):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    assert bool((normalised.step_scale == 0).all())
+    # the same network at full scale, its mean loss below ln 2 / n, switches at once
+    full = train_mlps(x, y, TrainConfig(schedule="normalised", **(kw | {"steps": 1})), progress=False,
+                      initial_weights=[w * 100 for w in start])
+    assert bool((full.history["log_loss"][0] < math.log(math.log(2) / x.shape[1])).all())
+    assert bool((full.step_scale > 0).all())
+
+
 def test_resume_reproduces_uninterrupted_normalised_run(tmp_path):
     x, y = _data(s=2, n=8, d=4)
     kw = dict(widths=(8, 8), lr=0.3, first_layer_std=0.1, dtype="float64", log_every=10, checkpoint_every=20,
               schedule="normalised")
-    straight = train_mlps(x, y, TrainConfig(steps=200, **kw), progress=False)
-    assert bool((straight.history["step_scale"][10] > 0).all())  # the state at step 100 holds alpha
-    train_mlps(x, y, TrainConfig(steps=100, **kw), checkpoint_dir=tmp_path, progress=False)
-    resumed = train_mlps(x, y, TrainConfig(steps=200, **kw), checkpoint_dir=tmp_path, progress=False)
+    straight = train_mlps(x, y, TrainConfig(steps=320, **kw), progress=False)
+    assert bool((straight.history["step_scale"][16] > 0).all())  # the state at step 160 holds alpha
+    train_mlps(x, y, TrainConfig(steps=160, **kw), checkpoint_dir=tmp_path, progress=False)
+    resumed = train_mlps(x, y, TrainConfig(steps=320, **kw), checkpoint_dir=tmp_path, progress=False)
     for a, b in zip(straight.weights, resumed.weights):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(straight.step_scale, resumed.step_scale, rtol=0, atol=0)

@@ -98,7 +98,7 @@ def test_a_stale_record_is_listed_and_its_page_says_so(project):
     import nbformat
     import pytest
 
-    from imprint.runtime.book import stale_notice, stale_records
+    from imprint.runtime.book import library_stale_sha, stale_notice, stale_records
 
     assert stale_records(project) == {}
     (project / "book").mkdir()
@@ -110,6 +110,13 @@ def test_a_stale_record_is_listed_and_its_page_says_so(project):
     marked = stale_notice(nb, "the sweep grew").cells[0].source
     assert marked.startswith("(label)=\n# Toy\n\n:::{note}\nThis page shows the run of record at `0123456789`")
     assert "(the sweep grew)" in marked and marked.endswith(":::\nThe question.\n\n## Part")
+    assert "The chapter's code has changed since" in marked and library_stale_sha("the sweep grew") is None
+    # the library changed under an unchanged chapter: the entry names the record's commit, the note says so
+    reason = "library, record at 0123456: the trainer switches later"
+    assert library_stale_sha(reason) == "0123456" and library_stale_sha("library: no commit") is None
+    nb.cells[0].source = "# Toy\n"
+    marked = stale_notice(nb, reason).cells[0].source
+    assert "The library code this chapter runs has changed since (the trainer switches later)" in marked
     (project / "book" / "stale.yml").write_text("- 99_toy\n")
     with pytest.raises(ValueError, match=r"stale.yml: expected a map from a notebook's name"):
         stale_records(project)

@@ -10,8 +10,9 @@ kernels: on a GPU, ``graph_steps`` steps are captured once as a CUDA graph and r
 synchronisation between logs. Plain autograd is the reference in the tests.
 
 ``schedule="normalised"`` is Lyu & Li (2020)'s loss-based learning rate (their Appendix K.1; Nacson et al.
-2019 for linear models): once a network separates its training set, its step is ``alpha / L(theta)``
-along ``grad L``, i.e. ``alpha`` along ``grad L / L``, which is computed in log space (a softmax-like
+2019 for linear models): once a network's mean logistic loss is below ``ln 2 / n`` (the summed loss below
+``ln 2``, their separability assumption (A4), which puts every margin above zero with room to spare), its
+step is ``alpha / L(theta)`` along ``grad L``, i.e. ``alpha`` along ``grad L / L``, which is computed in log space (a softmax-like
 weighting of the margins' gradients) and stays finite after ``L`` itself underflows. ``alpha`` is per
 network; a step that does not lower the loss is undone and ``alpha`` divided by ``lr_shrink``, an accepted
 one multiplies it by ``lr_grow``.
@@ -96,11 +97,14 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 0  # steps; 0 = only at the end
     graph_steps: int = 100  # steps per captured CUDA graph (GPU only); must divide log_every
-    # "constant": theta -= lr * grad L.  "normalised": the same until the network separates its training
-    # set (every margin > 0), then theta -= alpha * grad L / L with alpha adapted per network: a step that
-    # does not lower the loss is undone and alpha /= lr_shrink, an accepted one does alpha *= lr_grow
-    # (Lyu & Li 2020, Appendix K.1, whose r_u = 2^(1/5) and r_d = 2^(1/10) are the defaults). Every
-    # attempted step, undone or not, counts as one of ``steps``. Logistic loss only, no weight decay.
+    # "constant": theta -= lr * grad L.  "normalised": the same until the network's mean loss is below
+    # ln 2 / n (Lyu & Li's separability assumption; every margin > 0 by chance is not enough: a network
+    # at its small initialisation's saddle can have that with margins of 1e-7, where no step changes the
+    # float32 loss, every proposal is undone and alpha shrinks to zero), then theta -= alpha * grad L / L
+    # with alpha adapted per network: a step that does not lower the loss is undone and alpha /= lr_shrink,
+    # an accepted one does alpha *= lr_grow (Lyu & Li 2020, Appendix K.1, whose r_u = 2^(1/5) and
+    # r_d = 2^(1/10) are the defaults). Every attempted step, undone or not, counts as one of ``steps``.
+    # Logistic loss only, no weight decay.
     schedule: str = "constant"
     normalised_lr: float | None = None  # alpha at the switch; None: lr * L there (the same step as before)
     lr_grow: float = 2 ** 0.2
@@ -276,7 +280,7 @@ class TrainResult:
     d_in: int
     d_out: int
     seeds: list[int] = field(default_factory=list)
-    step_scale: Tensor | None = None  # schedule="normalised": each network's final alpha (0: never separated)
+    step_scale: Tensor | None = None  # schedule="normalised": each network's final alpha (0: never switched)
 
     @property
     def n_models(self) -> int:
@@ -421,7 +425,7 @@ def _normalised_step(weights: list[Tensor], x: Tensor, targets: Tensor, config: 
                      step_scale: Tensor):
     """One in-place step of the normalised schedule, and the tensors it updates (for the graph warm-up).
 
-    Per network: unseparated (some margin <= 0), theta -= lr * grad L, always kept; separated, the
+    Per network: until its mean loss is below ln 2 / n, theta -= lr * grad L, always kept; from then on, the
     proposal theta - alpha * grad L / L is kept only if it lowers log L (alpha *= lr_grow), otherwise theta
     stays and alpha /= lr_shrink. The forward pass at the kept weights is cached for the next step, so a
     step costs one forward and one backward pass, as a constant step does. No host synchronisation.
@@ -429,11 +433,12 @@ def _normalised_step(weights: list[Tensor], x: Tensor, targets: Tensor, config: 
     out, pre = batched_forward(weights, x)
     cache = [out, *pre]
     tiny = torch.finfo(step_scale.dtype).tiny
+    separable = math.log(math.log(2) / targets.shape[1])
 
     def one_step():
         out, pre = cache[0], cache[1:]
-        separated = (targets * out[..., 0] > 0).all(1)
         g_norm, log_loss = normalised_output_grad(out, targets)
+        separated = log_loss < separable  # an accepted step lowers the loss: once true, it stays true
         first = config.lr * torch.exp(log_loss) if config.normalised_lr is None else \
             torch.full_like(log_loss, config.normalised_lr)
         step_scale.copy_(torch.where(separated & (step_scale == 0), first.clamp(min=tiny), step_scale))

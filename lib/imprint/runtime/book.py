@@ -118,7 +118,8 @@ STALE_FILE = "stale.yml"
 def stale_records(root: Path | None = None) -> dict[str, str]:
     """``book/stale.yml``: the records of ``book/notebooks`` whose source's code has changed since they
     ran, each with what changed. The book of record marks their pages; the staleness test requires that
-    exactly these records differ from their sources."""
+    exactly these records differ from their sources, except entries of the form ``library, record at <sha>:
+    ...`` (:func:`library_stale_sha`), whose chapter is unchanged but whose library code changed."""
     path = (root or repo_root()) / "book" / STALE_FILE
     if not path.is_file():
         return {}
@@ -128,12 +129,24 @@ def stale_records(root: Path | None = None) -> dict[str, str]:
     return data
 
 
+LIBRARY_STALE = re.compile(r"^library, record at ([0-9a-f]{7,40}): ")
+
+
+def library_stale_sha(reason: str) -> str | None:
+    """The commit named by a stale entry of the form ``library, record at <sha>: what changed``: the chapter's
+    code is unchanged but library code it runs has changed, so its record no longer follows from the tree.
+    The staleness test holds such an entry to the record of that commit, so it cannot outlive the rerun."""
+    m = LIBRARY_STALE.match(reason)
+    return m.group(1) if m else None
+
+
 def stale_notice(executed, reason: str):
     """The executed notebook with a note under its title: its code predates the chapter's source."""
     git = executed.metadata.get("imprint", {}).get("provenance", {}).get("git", {})
     sha = (git.get("sha") or "unknown")[:10]
-    note = (f":::{{note}}\nThis page shows the run of record at `{sha}`. The chapter's code has changed since "
-            f"({reason}); this page is replaced when the full profile is rerun.\n:::\n")
+    what = "The library code this chapter runs has" if library_stale_sha(reason) else "The chapter's code has"
+    note = (f":::{{note}}\nThis page shows the run of record at `{sha}`. {what} changed since "
+            f"({LIBRARY_STALE.sub('', reason)}); this page is replaced when the full profile is rerun.\n:::\n")
     for cell in executed.cells:
         if cell.cell_type == "markdown" and re.search(r"^# ", cell.source, flags=re.M):
             cell.source = re.sub(r"^(# .*\n?)", lambda m: m.group(1).rstrip("\n") + "\n\n" + note, cell.source,
