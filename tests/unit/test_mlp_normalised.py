@@ -57,6 +57,21 @@ def _reference_ratio(q, y):
     return ratio, float(mpmath.log(total / len(q)))
 
 
+@pytest.mark.parametrize("dtype,low,high", [(torch.float32, 80.0, 110.0), (torch.float64, 700.0, 760.0)])
+def test_log_softplus_neg_is_exact_where_exp_minus_q_is_subnormal(dtype, low, high):
+    """Where exp(-q) is subnormal torch's log1p returned 0 for the smallest values, and the term was -inf:
+    the hardest example dropped out of the loss. 64 values, so that the vectorised kernels run."""
+    from imprint.models.mlp import log_softplus_neg
+
+    q = torch.linspace(low, high, 64, dtype=dtype, requires_grad=True)
+    value = log_softplus_neg(q)
+    ref = torch.tensor([float(mpmath.log(mpmath.log1p(mpmath.exp(-mpmath.mpf(float(v)))))) for v in q.detach()],
+                       dtype=torch.float64)
+    torch.testing.assert_close(value.detach().double(), ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    value.sum().backward()
+    assert bool(torch.isfinite(q.grad).all()), q.grad
+
+
 @pytest.mark.parametrize("q", [[0.3, -1.2, 2.0, 5.0], [800.0, 801.5, 850.0, 1000.0], [-3.0, 40.0, 800.0, 1e4],
                                [790.0, 745.5, 760.0, 1200.0]])
 def test_normalised_output_grad_is_exact_where_the_loss_underflows(q):

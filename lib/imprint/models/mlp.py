@@ -236,10 +236,16 @@ def _backward(weights: Sequence[Tensor], x: Tensor, pre: Sequence[Tensor], g: Te
 def log_softplus_neg(q: Tensor) -> Tensor:
     """log(log(1 + exp(-q))), elementwise and finite for every finite q (no underflow for large q).
 
-    For q > 0 it is -q + log(log1p(u) / u) with u = exp(-q) in (0, 1), and log1p(u) / u -> 1 as u -> 0.
+    For q > 0 it is -q + log(log1p(u) / u) with u = exp(-q) in (0, 1), and log1p(u) / u -> 1 as u -> 0. Below
+    the smallest normal number (q past 87 in float32, 708 in float64) the ratio is 1 to working precision
+    and is taken as such: torch's log1p returns 0 for the smallest subnormals, which made the term -inf and
+    dropped the hardest example from the loss (and inflated every normalised gradient by e^(its margin's
+    gap to the next one)). ``u`` is replaced before the division, so autograd sees no NaN either.
     """
     u = torch.exp(-q.clamp(min=0))
-    ratio = torch.where(u > 0, torch.log1p(u) / u, torch.ones_like(u))
+    normal = u >= torch.finfo(u.dtype).tiny
+    u_safe = torch.where(normal, u, torch.ones_like(u))
+    ratio = torch.where(normal, torch.log1p(u_safe) / u_safe, torch.ones_like(u))
     small = torch.log(torch.nn.functional.softplus(-q.clamp(max=0)))
     return torch.where(q > 0, torch.log(ratio) - q, small)
 
