@@ -12,8 +12,8 @@ synchronisation between logs. Plain autograd is the reference in the tests.
 ``schedule="normalised"`` is Lyu & Li (2020)'s loss-based learning rate (their Appendix K.1; Nacson et al.
 2019 for linear models): once a network's mean logistic loss is below ``ln 2 / n`` (the summed loss below
 ``ln 2``, their separability assumption (A4), which puts every margin above zero with room to spare), its
-step is ``alpha / L(theta)`` along ``grad L``, i.e. ``alpha`` along ``grad L / L``, which is computed in log space (a softmax-like
-weighting of the margins' gradients) and stays finite after ``L`` itself underflows. ``alpha`` is per
+step is ``alpha / L(theta)`` along ``grad L``, i.e. ``alpha`` along ``grad L / L``, which is computed in
+log space (a softmax-like weighting of the margins' gradients) and stays finite after ``L`` itself underflows. ``alpha`` is per
 network; a step that does not lower the loss is undone and ``alpha`` divided by ``lr_shrink``, an accepted
 one multiplies it by ``lr_grow``.
 """
@@ -439,22 +439,22 @@ def _normalised_step(weights: list[Tensor], x: Tensor, targets: Tensor, config: 
     out, pre = batched_forward(weights, x)
     cache = [out, *pre]
     tiny = torch.finfo(step_scale.dtype).tiny
-    separable = math.log(math.log(2) / targets.shape[1])
+    switch_below = math.log(math.log(2) / targets.shape[1])  # log of the mean loss at which alpha takes over
 
     def one_step():
         out, pre = cache[0], cache[1:]
         g_norm, log_loss = normalised_output_grad(out, targets)
-        separated = log_loss < separable  # an accepted step lowers the loss: once true, it stays true
+        switched = log_loss < switch_below  # an accepted step lowers the loss: once true, it stays true
         first = config.lr * torch.exp(log_loss) if config.normalised_lr is None else \
             torch.full_like(log_loss, config.normalised_lr)
-        step_scale.copy_(torch.where(separated & (step_scale == 0), first.clamp(min=tiny), step_scale))
-        g = torch.where(separated[:, None, None], g_norm, output_grad(out, targets, "logistic"))
-        rate = torch.where(separated, step_scale, torch.full_like(step_scale, config.lr))[:, None, None]
+        step_scale.copy_(torch.where(switched & (step_scale == 0), first.clamp(min=tiny), step_scale))
+        g = torch.where(switched[:, None, None], g_norm, output_grad(out, targets, "logistic"))
+        rate = torch.where(switched, step_scale, torch.full_like(step_scale, config.lr))[:, None, None]
         proposal = [w - rate * d for w, d in zip(weights, _backward(weights, x, pre, g))]
         new_out, new_pre = batched_forward(proposal, x)
-        keep = ~separated | (log_logistic_loss(new_out, targets) < log_loss)  # NaN: undone
-        step_scale.copy_(torch.where(separated, torch.where(keep, step_scale * config.lr_grow,
-                                                             step_scale / config.lr_shrink), step_scale))
+        keep = ~switched | (log_logistic_loss(new_out, targets) < log_loss)  # NaN: undone
+        step_scale.copy_(torch.where(switched, torch.where(keep, step_scale * config.lr_grow,
+                                                            step_scale / config.lr_shrink), step_scale))
         keep = keep[:, None, None]
         for w, p in zip(weights, proposal):
             w.copy_(torch.where(keep, p, w))

@@ -141,7 +141,8 @@ def library_stale_sha(reason: str) -> str | None:
 
 
 def stale_notice(executed, reason: str):
-    """The executed notebook with a note under its title: its code predates the chapter's source."""
+    """The executed notebook with a note under its title: its code, or the library code it ran (an entry of
+    :func:`library_stale_sha`'s form), predates the tree."""
     git = executed.metadata.get("imprint", {}).get("provenance", {}).get("git", {})
     sha = (git.get("sha") or "unknown")[:10]
     what = "The library code this chapter runs has" if library_stale_sha(reason) else "The chapter's code has"
@@ -215,7 +216,7 @@ def show_not_run(nb):
         for out in cell.get("outputs", []):
             name = (out.get("metadata") or {}).get("scrapbook", {}).get("name")
             value = next((v for k, v in out.get("data", {}).items() if k.endswith("text/plain")), None)
-            if name and isinstance(value, str) and value[:1] in "'\"":
+            if name and isinstance(value, str) and value[:1] and value[0] in "'\"":
                 texts.add(name)
     for cell in nb.cells:
         if cell.cell_type == "markdown" and texts:
@@ -324,7 +325,8 @@ def stage(profile: str, root: Path | None = None, folder: str | None = None) -> 
             nb = refresh_prose(nbformat.read(nb_path, as_version=4), read_notebook(root / "notebooks" / f"{name}.md"))
             if profile == RECORD and name in stale:
                 nb = stale_notice(nb, stale[name])
-            nbformat.write(label_parameters(show_not_run(clean_outputs(nb)), profile), src / "notebooks" / f"{name}.ipynb")
+            nb = label_parameters(show_not_run(clean_outputs(nb)), profile)
+            nbformat.write(nb, src / "notebooks" / f"{name}.ipynb")
         else:
             atomic_write_text(src / "notebooks" / f"{name}.md", _placeholder(root / "notebooks" / f"{name}.md", profile))
     toc = _filter_toc(yaml.safe_load((src / "_toc.yml").read_text()), sources)
