@@ -43,15 +43,29 @@ N_TARGETS = 6
 N_PRIOR = 2  # random_sds and decoded_sds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def inversion_bench_args(description: str) -> tuple[argparse.Namespace, torch.device]:
+    """The options of chapter 06's inversion benchmarks (device, steps, repeats, threads), the thread
+    count applied."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
+
+
+def write_result(name: str, device: torch.device, result: dict) -> None:
+    """``result`` to ``benchmarks/results/<name>_<device type>.json``, atomically."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}_{device.type}.json"
+    atomic_write_json(path, result)
+    print(f"-> {path}")
+
+
+def main() -> None:
+    args, device = inversion_bench_args(__doc__.splitlines()[0])
     size, batch, restarts, n_classes = 25, 4, 4, 2
     setting = SettingOptions(domain="faces", channels=(16, 16), hidden=32, ddpm_channels=(32,), ddpm_timesteps=500)
     model = make_target(TargetOptions(image_size=size, n_classes=n_classes, channels=setting.channels,
@@ -108,10 +122,7 @@ def main() -> None:
         print(f"{case}: separate {1e3 * med['separate'] / args.steps:.1f} ms/step, batched "
               f"{1e3 * med['batched'] / args.steps:.1f} ms/step ({med['separate'] / med['batched']:.2f}x); "
               f"largest image difference {difference:.2e}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bridge_inversion_{device.type}.json"
-    atomic_write_json(path, result)
-    print(f"-> {path}")
+    write_result("bridge_inversion", device, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Inverting Gradients of chapter 06: the matching loss and TV against hand computations, the batched
-attack on a one-hidden-layer model of 4x4 images, and several targets inverted as one batch against
-each inverted alone."""
+attack on a one-hidden-layer model of 4x4 images, several targets (with their own labels and seeds)
+inverted as one batch against each inverted alone, and the start of the restarts."""
 
 import numpy as np
 import pytest
@@ -238,8 +238,42 @@ def test_bad_batched_input_is_refused_naming_the_parameter():
         (dict(targets=[targets[0], targets[1], [t.reshape(-1) for t in targets[2].values()]]),
          r"targets\[2\] has shapes"),
         (dict(steps=0), r"steps=0: expected a value >= 1"),
+        (dict(seed=[0, 1]), r"seed has 2 entries: expected one per target \(3\) or one int"),
+        (dict(labels=torch.tensor([[1], [0]])), r"labels has shape \(2, 1\): expected \(1,\), one per image, or "
+                                                r"\(3, 1\), one row per target"),
+        (dict(init_std=-0.1), r"init_std=-0.1: expected a value >= 0"),
     ]
     for change, message in cases:
-        args = {"targets": targets, **kw, **change}
+        args = {"targets": targets, "labels": labels, **kw, **change}
         with pytest.raises(ValueError, match=message):
-            invert_gradients_batch(model, args.pop("targets"), labels, SHAPE, **args)
+            invert_gradients_batch(model, args.pop("targets"), args.pop("labels"), SHAPE, **args)
+
+
+def test_targets_with_their_own_labels_and_seeds_equal_each_inverted_alone(one_torch_thread):
+    """Several private batches as one optimisation: row ``i`` of ``labels`` and ``seed[i]`` are target
+    ``i``'s, and it comes out as it would alone."""
+    model, _, targets = _targets(7)
+    labels = torch.tensor([[0], [2], [1]])
+    seeds = [4, 1004, 2004]
+    kw = dict(steps=30, lr=0.05, tv_weight=1e-3, restarts=2, init_mean=0.4, init_std=0.3)
+    batched = invert_gradients_batch(model, targets, labels, SHAPE, seed=seeds, **kw)
+    for target, y, seed, got in zip(targets, labels, seeds, batched):
+        alone = invert_gradients(model, target, y, SHAPE, seed=seed, **kw)
+        torch.testing.assert_close(got.candidates, alone.candidates, rtol=0, atol=1e-10)
+        torch.testing.assert_close(got.losses, alone.losses, rtol=0, atol=1e-12)
+    # the labels matter: the same targets under the first row's labels end elsewhere
+    shared = invert_gradients_batch(model, targets, labels[0], SHAPE, seed=seeds, **kw)
+    torch.testing.assert_close(shared[0].candidates, batched[0].candidates, rtol=0, atol=1e-10)
+    assert float((shared[1].candidates - batched[1].candidates).abs().max()) > 1e-3
+
+
+def test_restarts_start_from_the_given_mean_and_spread(one_torch_thread):
+    """One step too small to move: the candidates are ``init_mean + init_std * z`` (``z`` the standard normal
+    draw of ``seed + k``), clipped to the box; the default start is ``z`` itself."""
+    model, image, labels, true_grads, _ = _case(0)
+    kw = dict(steps=1, lr=1e-12, tv_weight=0.0, restarts=2, seed=5, box=(-50.0, 50.0))
+    z = torch.stack([torch.randn(SHAPE, generator=torch.Generator().manual_seed(5 + k), dtype=D) for k in range(2)])
+    moved = invert_gradients(model, true_grads, labels, SHAPE, init_mean=0.4, init_std=0.2, **kw)
+    torch.testing.assert_close(moved.candidates, 0.4 + 0.2 * z, rtol=0, atol=1e-9)
+    plain = invert_gradients(model, true_grads, labels, SHAPE, **kw)
+    torch.testing.assert_close(plain.candidates, z, rtol=0, atol=1e-9)

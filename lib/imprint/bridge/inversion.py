@@ -16,9 +16,15 @@ step, and its step size decays tenfold at 3/8, 5/8 and 7/8 of the iterations; se
 batch along a leading axis (``torch.func.vmap`` of ``grad`` of a ``functional_call``) and the one with the
 lowest final matching loss is returned. Adam acts element by element, so the batch is exactly the
 restarts run one at a time. :func:`invert_gradients_batch` stacks several target gradients of one model
-and one label set the same way (every target and restart one candidate along the leading axes, each
-target with its own layer weights and prior weight), so several attacks cost one optimisation's kernel
-launches. Written here rather than imported: ``inversefed`` and ``breaching`` are
+the same way (every target and restart one candidate along the leading axes, each target with its own
+layer weights, prior weight, and optionally its own labels and seed), so several attacks, and several
+private batches, cost one optimisation's kernel launches.
+
+The anchors optimise in the mean/std-normalised space of their data set: their ``randn`` start is
+``N(mean, std^2)`` in pixels, their step size ``lr`` moves a pixel by ``lr * std`` and their TV weight
+``w`` is ``w / std`` here. The start is therefore ``init_mean + init_std * N(0, I)`` (default: the
+standard normal of the pixel space, ``init_mean=0, init_std=1``), and the step size and the TV weight
+are in pixel units. Written here rather than imported: ``inversefed`` and ``breaching`` are
 research code bases, not maintained libraries, and run restarts one after the other.
 """
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -134,14 +141,15 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
                      tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
                      box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
                      weights: Sequence[float] | None = None, prior: Callable[[Tensor], Tensor] | None = None,
-                     prior_weight: float = 0.0) -> InversionResult:
+                     prior_weight: float = 0.0, init_mean: float = 0.0, init_std: float = 1.0) -> InversionResult:
     """Images ``[batch, *shape[1:]]`` whose gradient under ``model`` matches ``target_grads``.
 
     ``target_grads`` holds one tensor per parameter of ``model`` (a mapping by name, or a sequence in
     ``named_parameters`` order); ``labels`` are the private batch's labels (given, not recovered);
-    ``shape`` is ``(batch, channels, height, width)``. Restart ``k`` starts from a standard normal draw of a
-    generator seeded with ``seed + k`` (``init="randn"`` of the anchor), so restart ``k`` alone is
-    ``restarts=1, seed=seed + k``. ``model`` should be in eval mode (its buffers are read, not updated).
+    ``shape`` is ``(batch, channels, height, width)``. Restart ``k`` starts from ``init_mean + init_std * z``
+    with ``z`` a standard normal draw of a generator seeded with ``seed + k`` (``init="randn"`` of the
+    anchor, in its normalised space when ``init_mean`` and ``init_std`` are the data's pixel mean and
+    standard deviation), so restart ``k`` alone is ``restarts=1, seed=seed + k``. ``model`` should be in eval mode (its buffers are read, not updated).
     ``prior`` (e.g. :func:`imprint.bridge.prior.sds_prior`) maps the stack of candidates
     ``[restarts, *shape]`` to a gradient of the same shape, added times ``prior_weight`` to the
     objective's gradient before its sign is taken; the matching loss that ranks restarts leaves it out.
@@ -156,23 +164,29 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     stacked = None if prior is None else (lambda x: prior(x[0]).unsqueeze(0))
     return invert_gradients_batch(model, [target], labels, shape, steps, lr=lr, tv_weight=tv_weight,
                                   restarts=restarts, seed=seed, box=box, device=device, weights=[weights],
-                                  prior=stacked, prior_weights=[prior_weight])[0]
+                                  prior=stacked, prior_weights=[prior_weight], init_mean=init_mean,
+                                  init_std=init_std)[0]
 
 
 def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tensor] | Sequence[Tensor]],
-                           labels: Int[Tensor, " batch"], shape: Sequence[int], steps: int, lr: float = 0.1,
-                           tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
-                           box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
+                           labels: Int[Tensor, " batch"] | Int[Tensor, "targets batch"], shape: Sequence[int],
+                           steps: int, lr: float = 0.1, tv_weight: float = 1e-4, restarts: int = 1,
+                           seed: int | Sequence[int] = 0, box: tuple[float, float] = (0.0, 1.0),
+                           device: str | torch.device = "cpu",
                            weights: Sequence[Sequence[float] | None] | None = None,
                            prior: Callable[[Tensor], Tensor] | None = None,
-                           prior_weights: Sequence[float] | None = None) -> list[InversionResult]:
-    """:func:`invert_gradients` of several target gradients under one model and one set of labels, as one
-    optimisation: one result per target, in order.
+                           prior_weights: Sequence[float] | None = None, init_mean: float = 0.0,
+                           init_std: float = 1.0) -> list[InversionResult]:
+    """:func:`invert_gradients` of several target gradients under one model, as one optimisation: one
+    result per target, in order.
 
     Every (target, restart) pair is one candidate along the leading axes ``[targets, restarts]``; restart
-    ``k`` of every target starts from the draw of a generator seeded with ``seed + k``, and Adam, the sign
+    ``k`` of target ``i`` starts from ``init_mean + init_std * z`` with ``z`` the draw of a generator seeded
+    with ``seed + k`` (``seed[i] + k`` when ``seed`` is a sequence, one per target), and Adam, the sign
     and the box act element by element, so target ``i`` comes out as ``invert_gradients`` of
-    ``targets[i]`` with ``weights[i]`` and ``prior_weights[i]`` would give it. ``weights[i]`` are target
+    ``targets[i]`` with ``weights[i]``, ``prior_weights[i]``, its labels and its seed would give it.
+    ``labels`` are ``[batch]`` (shared by every target) or ``[targets, batch]`` (row ``i`` the labels of
+    target ``i``: several private batches inverted together). ``weights[i]`` are target
     ``i``'s layer weights (``None``: all 1; ``weights=None``: ``None`` for every target);
     ``prior_weights[i]`` its prior's weight (default: 0, no prior). ``prior`` maps the stack
     ``[m, restarts, *shape]`` of the candidates of the ``m`` targets with a positive prior weight, in
@@ -196,15 +210,25 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
     lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
     tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
     restarts = require_int("restarts", restarts, minimum=1)
-    seed = require_int("seed", seed)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        seeds = [require_int("seed", seed)] * n_targets
+    else:
+        seeds = [require_int(f"seed[{i}]", s) for i, s in enumerate(seed)]
+        if len(seeds) != n_targets:
+            raise ValueError(f"seed has {len(seeds)} entries: expected one per target ({n_targets}) or one int")
+    init_mean = require_float("init_mean", init_mean)
+    init_std = require_float("init_std", init_std, minimum=0.0)
     if len(box) != 2 or not float(box[0]) < float(box[1]):
         raise ValueError(f"box={tuple(box)!r}: expected (lo, hi) with lo < hi")
     lo, hi = float(box[0]), float(box[1])
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape={shape!r}: expected (batch, channels, height, width), all >= 1")
-    if labels.shape != shape[:1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}: expected ({shape[0]},), one per image")
+    if labels.shape == shape[:1]:
+        labels = labels.unsqueeze(0).expand(n_targets, -1)
+    elif labels.shape != (n_targets, shape[0]):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}: expected ({shape[0]},), one per image, or "
+                         f"({n_targets}, {shape[0]}), one row per target")
     device = torch.device(device)
     params = _parameters(model, device)
     names = list(params)
@@ -218,31 +242,36 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
                                  dtype=dtype, device=device)
     labels = labels.to(device)
 
-    def matching(x: Tensor, target: list[Tensor], w: Tensor) -> Tensor:
-        g = grad(lambda p: _loss(model, p, x, labels))(params)
+    def matching(x: Tensor, target: list[Tensor], w: Tensor, y: Tensor) -> Tensor:
+        g = grad(lambda p: _loss(model, p, x, y))(params)
         return gradient_matching_loss([g[n] for n in names], target, w)
 
-    def objective(x: Tensor, target: list[Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
-        match = matching(x, target, w)
+    def objective(x: Tensor, target: list[Tensor], w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        match = matching(x, target, w, y)
         return match + tv_weight * total_variation(x), match
 
     def over_candidates(fn: Callable) -> Callable:
-        """``fn`` over ``[targets, restarts]``: restarts share their target's gradient and weights."""
-        return vmap(vmap(fn, in_dims=(0, None, None)), in_dims=(0, 0, 0))
+        """``fn`` over ``[targets, restarts]``: restarts share their target's gradient, weights and labels."""
+        return vmap(vmap(fn, in_dims=(0, None, None, None)), in_dims=(0, 0, 0, 0))
 
     step_direction = over_candidates(grad(objective, has_aux=True))
-    starts = []
-    for k in range(restarts):
-        gen = torch.Generator(device).manual_seed(seed + k)
-        starts.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
-    x = torch.stack(starts).unsqueeze(0).repeat(n_targets, *[1] * (len(shape) + 1))
+    draws = {}
+    for s in sorted(set(seeds)):
+        starts = []
+        for k in range(restarts):
+            gen = torch.Generator(device).manual_seed(s + k)
+            starts.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
+        draws[s] = torch.stack(starts)
+    x = torch.stack([draws[s] for s in seeds])
+    if init_mean != 0.0 or init_std != 1.0:
+        x = init_mean + init_std * x
     with_prior = [i for i, w in enumerate(prior_weights) if w > 0]
     prior_scale = torch.tensor([prior_weights[i] for i in with_prior], dtype=dtype,
                                device=device).view(-1, *[1] * (len(shape) + 1))
     optimizer = torch.optim.Adam([x], lr=lr)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=decay_milestones(steps), gamma=0.1)
     for _ in range(steps):
-        direction, _ = step_direction(x, target, layer_weights)
+        direction, _ = step_direction(x, target, layer_weights, labels)
         if with_prior:
             direction[with_prior] += prior_scale * prior(x.detach()[with_prior])
         x.grad = direction.sign()
@@ -251,7 +280,7 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
         with torch.no_grad():
             x.clamp_(lo, hi)
     with torch.no_grad():
-        losses = over_candidates(matching)(x, target, layer_weights)
+        losses = over_candidates(matching)(x, target, layer_weights, labels)
     losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
     candidates = x.detach()
     out = []
