@@ -484,16 +484,23 @@ def _psnr(a: Tensor, b: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def _score(candidates: Tensor, setting: Setting, baseline) -> tuple[dict, Tensor]:
+def _judge(candidates: Tensor, setting: Setting, baseline):
+    """Chapter 01's scores of ``candidates`` against the first ``len(candidates)`` private images, matched
+    one to one within their labels."""
     from imprint.reconstruction.evaluation import score_candidates
 
     s = setting.splits
     n = candidates.shape[0]
-    priv = s.private[:n]
-    labels = s.private_labels[:n]
+    priv, labels = s.private[:n], s.private_labels[:n]
     d = priv[0].numel()
-    scores = score_candidates(candidates.reshape(n, d), priv.reshape(n, d), torch.zeros(d), tuple(priv.shape[1:]),
-                              baseline, train_targets=labels, candidate_targets=labels)
+    return score_candidates(candidates.reshape(n, d), priv.reshape(n, d), torch.zeros(d), tuple(priv.shape[1:]),
+                            baseline, train_targets=labels, candidate_targets=labels)
+
+
+def _score(candidates: Tensor, setting: Setting, baseline) -> tuple[dict, Tensor]:
+    n = candidates.shape[0]
+    priv = setting.splits.private[:n]
+    scores = _judge(candidates, setting, baseline)
     matched = candidates[scores.match]
     psnr = _psnr(matched.cpu(), priv)
     bar = torch.maximum(baseline.nearest_heldout_ssim, _template_ssim(setting, n, baseline))
@@ -503,18 +510,11 @@ def _score(candidates: Tensor, setting: Setting, baseline) -> tuple[dict, Tensor
 
 
 def _template_ssim(setting: Setting, n: int, baseline) -> Tensor:
-    """Per private image, the SSIM the template scores (through the very call :func:`_score` makes, so
+    """Per private image, the SSIM the template scores (through the very judge :func:`_score` uses, so
     that the template ties with itself): the second bar of ``beyond_template``."""
-    from imprint.reconstruction.evaluation import score_candidates
-
     key = ("template_ssim", n)
     if key not in setting.cache:
-        s = setting.splits
-        priv, labels = s.private[:n], s.private_labels[:n]
-        d = priv[0].numel()
-        setting.cache[key] = score_candidates(template_images(setting, n).reshape(n, d), priv.reshape(n, d),
-                                              torch.zeros(d), tuple(priv.shape[1:]), baseline,
-                                              train_targets=labels, candidate_targets=labels).ssim
+        setting.cache[key] = _judge(template_images(setting, n), setting, baseline).ssim
     return setting.cache[key]
 
 

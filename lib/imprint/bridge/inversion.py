@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -210,12 +209,12 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
     lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
     tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
     restarts = require_int("restarts", restarts, minimum=1)
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        seeds = [require_int("seed", seed)] * n_targets
-    else:
+    if isinstance(seed, (list, tuple)):
         seeds = [require_int(f"seed[{i}]", s) for i, s in enumerate(seed)]
         if len(seeds) != n_targets:
             raise ValueError(f"seed has {len(seeds)} entries: expected one per target ({n_targets}) or one int")
+    else:
+        seeds = [require_int("seed", seed)] * n_targets
     init_mean = require_float("init_mean", init_mean)
     init_std = require_float("init_std", init_std, minimum=0.0)
     if len(box) != 2 or not float(box[0]) < float(box[1]):
@@ -262,9 +261,7 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
             gen = torch.Generator(device).manual_seed(s + k)
             starts.append(torch.randn(shape, generator=gen, device=device, dtype=dtype))
         draws[s] = torch.stack(starts)
-    x = torch.stack([draws[s] for s in seeds])
-    if init_mean != 0.0 or init_std != 1.0:
-        x = init_mean + init_std * x
+    x = init_mean + init_std * torch.stack([draws[s] for s in seeds])
     with_prior = [i for i, w in enumerate(prior_weights) if w > 0]
     prior_scale = torch.tensor([prior_weights[i] for i in with_prior], dtype=dtype,
                                device=device).view(-1, *[1] * (len(shape) + 1))
