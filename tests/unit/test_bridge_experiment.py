@@ -338,3 +338,32 @@ def test_several_private_batches_are_inverted_as_one_optimisation(setting, one_t
                                      lr=opts.invert_lr, tv_weight=opts.tv_weight, restarts=2, seed=3 + 1000 * k,
                                      weights=attack.weights, init_mean=mean, init_std=std)
             torch.testing.assert_close(got[a][k:k + 1], alone.images, rtol=0, atol=1e-5)
+
+
+def test_the_prior_denoiser_learns_images_in_the_range_the_prior_maps_candidates_to(monkeypatch):
+    """The DDPM of the setting is trained on the public images as the SDS gradient presents a candidate to
+    it (y(x) in [-1, 1]); trained on [0, 1] instead, its samples are washed-out images in [0, 1] and the
+    prior pulls every inversion towards white."""
+    import imprint.models.ddpm as ddpm
+    from imprint.bridge.prior import SDSOptions, sds_gradient
+
+    seen = {}
+    real = ddpm.train_ddpm
+
+    def spy(x, labels, seed, config, options, device):
+        seen["x"] = x.detach().cpu().clone()
+        return real(x, labels, seed, config, options, device)
+
+    monkeypatch.setattr(ddpm, "train_ddpm", spy)
+    opts = SettingOptions(**{**TINY.__dict__, "ddpm_steps": 1, "ddpm_channels": (8,), "ddpm_timesteps": 10})
+    s = prepare_setting(opts, seed=2)
+    shown = []
+
+    def eps(x_t, t_index):
+        shown.append(x_t.clone())
+        return torch.zeros_like(x_t)
+
+    # with alpha-bar 1 the noised image is y(x) itself: what the denoiser sees of a candidate x
+    sds_gradient(eps, s.splits.public, torch.ones(1), SDSOptions(box=(0.0, 1.0)))
+    assert float(seen["x"].min()) < -0.5 and float(seen["x"].max()) <= 1.0
+    torch.testing.assert_close(seen["x"], shown[0])

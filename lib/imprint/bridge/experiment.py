@@ -353,10 +353,10 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
         acc = accuracy(model, splits.heldout, splits.heldout_labels)
         seconds["seconds_pretrain"] = time.perf_counter() - t0
         if config is not None:
-            from imprint.models.ddpm import DDPMTrainOptions, images_to_unit_range, train_ddpm
+            from imprint.models.ddpm import DDPMTrainOptions, images_from_unit_range, train_ddpm
 
-            t0 = time.perf_counter()
-            unet = train_ddpm(images_to_unit_range(splits.public).to(device), splits.public_labels.to(device), seed,
+            t0 = time.perf_counter()  # the denoiser's range is [-1, 1], the images' [0, 1] (the prior's y(x))
+            unet = train_ddpm(images_from_unit_range(splits.public).to(device), splits.public_labels.to(device), seed,
                               config, DDPMTrainOptions(n_steps=options.ddpm_steps, batch_size=64), device)
             seconds["seconds_ddpm"] = time.perf_counter() - t0
         if path is not None:
