@@ -223,6 +223,49 @@ def test_prior_weights_per_target_and_a_target_without_prior_ignores_its_draws(o
     torch.testing.assert_close(pulled[1].candidates, unweighted.candidates, rtol=0, atol=1e-10)
 
 
+def test_a_relative_prior_is_a_share_of_the_unit_matching_direction(one_torch_thread):
+    """prior_balance="relative": the first signed Adam step goes along sign(g/|g| + w p/|p|) per candidate
+    (computed here by hand from the matching loss and TV), and the prior's scale no longer matters."""
+    model, labels, targets = _targets(3)
+    kw = dict(lr=0.05, tv_weight=1e-3, restarts=2, seed=4, init_mean=0.5, init_std=0.2)
+    pattern = torch.linspace(-1.0, 1.0, 16, dtype=D).reshape(SHAPE)
+
+    def prior(x):
+        return 1e-4 * (x - 0.5) + pattern.expand_as(x)
+
+    x0 = torch.stack([0.5 + 0.2 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(4 + k), dtype=D)
+                      for k in range(2)])
+    params = dict(model.named_parameters())
+    step = []
+    for k in range(2):
+        x = x0[k].clone().requires_grad_(True)
+        g = torch.autograd.grad(nn.functional.cross_entropy(model(x), labels), list(params.values()),
+                                create_graph=True)
+        loss = gradient_matching_loss(list(g), [targets[0][n] for n in params]) + 1e-3 * total_variation(x)
+        d = torch.autograd.grad(loss, x)[0]
+        p = prior(x0[k])
+        step.append((d / d.norm() + 0.3 * p / p.norm()).sign())
+    first_lr = 0.05 * 0.1 ** decay_milestones(1).count(0)  # one step: every decay falls on it
+    expected = (x0 - first_lr * torch.stack(step)).clamp(0.0, 1.0)
+    got = invert_gradients(model, targets[0], labels, SHAPE, steps=1, prior=prior, prior_weight=0.3,
+                           prior_balance="relative", **kw)
+    torch.testing.assert_close(got.candidates, expected, rtol=0, atol=1e-10)
+    assert float((got.candidates - x0.clamp(0.0, 1.0)).abs().max()) > 0.5 * first_lr
+    # the prior's scale: irrelevant when relative, decisive when absolute
+    run = dict(steps=20, prior_weight=0.3, **kw)
+    small = invert_gradients(model, targets[0], labels, SHAPE, prior=lambda x: 1e-6 * prior(x),
+                             prior_balance="relative", **run)
+    large = invert_gradients(model, targets[0], labels, SHAPE, prior=lambda x: 1e6 * prior(x),
+                             prior_balance="relative", **run)
+    torch.testing.assert_close(small.candidates, large.candidates, rtol=0, atol=1e-9)
+    small = invert_gradients(model, targets[0], labels, SHAPE, prior=lambda x: 1e-6 * prior(x), **run)
+    large = invert_gradients(model, targets[0], labels, SHAPE, prior=lambda x: 1e6 * prior(x), **run)
+    assert float((small.candidates - large.candidates).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="prior_balance"):
+        invert_gradients(model, targets[0], labels, SHAPE, steps=1, prior=prior, prior_weight=0.3,
+                         prior_balance="both")
+
+
 def test_bad_batched_input_is_refused_naming_the_parameter():
     model, labels, targets = _targets(0)
     kw = dict(steps=2, restarts=1)

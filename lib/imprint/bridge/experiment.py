@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from imprint.bridge.decoders import decoded_cosine, fit_ridge_lift, min_norm_lift
-from imprint.bridge.inversion import invert_gradients_batch, model_gradients
+from imprint.bridge.inversion import PRIOR_BALANCES, invert_gradients_batch, model_gradients
 from imprint.bridge.learned import DecoderOptions, LearnedDecoder, fit_decoder
 from imprint.bridge.pairs import PairOptions, generate_pairs, load_pairs
 from imprint.bridge.per_example import lora_step_pairs
@@ -122,7 +122,8 @@ class SettingOptions:
 @dataclass(frozen=True)
 class CellOptions:
     """One cell: the rank, the private batch size, the proxy distribution, the pairs, the decoders, the
-    inversion and the prior's weight ``sds_weight`` (0: no prior)."""
+    inversion and the prior's weight ``sds_weight`` (0: no prior), absolute or relative to the matching
+    gradient (``sds_balance``, see :func:`imprint.bridge.inversion.invert_gradients`)."""
 
     rank: int = 4
     batch_size: int = 4
@@ -143,6 +144,7 @@ class CellOptions:
     tv_weight: float = 1e-2
     restarts: int = 2
     sds_weight: float = 0.0
+    sds_balance: str = "absolute"
 
     def __post_init__(self) -> None:
         require_int("rank", self.rank, minimum=1)
@@ -169,6 +171,7 @@ class CellOptions:
         require_float("tv_weight", self.tv_weight, minimum=0.0)
         require_int("restarts", self.restarts, minimum=1)
         require_float("sds_weight", self.sds_weight, minimum=0.0)
+        require_choice("sds_balance", self.sds_balance, PRIOR_BALANCES)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -571,7 +574,7 @@ def _invert(model: nn.Module, attacks: Mapping[str, _Attack], setting: Setting, 
                                      device=setting.device, weights=[attacks[a].weights for _, a in jobs],
                                      prior=prior, prior_weights=[options.sds_weight if attacks[a].prior else 0.0
                                                                  for _, a in jobs],
-                                     init_mean=init_mean, init_std=init_std)
+                                     init_mean=init_mean, init_std=init_std, prior_balance=options.sds_balance)
     out: dict[str, list[Tensor]] = {a: [] for a in names}
     for (_, a), res in zip(jobs, results):  # batch-major: each attack's batches in order
         out[a].append(res.images.detach().cpu())
@@ -614,7 +617,7 @@ def _attack_key(attack: str, options: CellOptions) -> tuple:
     if attack.startswith("lora"):  # the direct attack needs no proxy: shared by both proxy distributions
         key = key + (options.rank, options.lora_lr)
     if attack.endswith("_sds"):
-        key = key + (options.sds_weight,)
+        key = key + (options.sds_weight,) + (() if options.sds_balance == "absolute" else (options.sds_balance,))
     return key
 
 

@@ -38,8 +38,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from imprint.runtime.checks import require_float, require_int
+from imprint.runtime.checks import require_choice, require_float, require_int
 
+#: How the prior's gradient joins the matching gradient: added as it is, or both scaled to unit norm first.
+PRIOR_BALANCES = ("absolute", "relative")
 DECAY_FRACTIONS = (3 / 8, 5 / 8, 7 / 8)  # the step size is divided by ten at these fractions of the steps
 
 
@@ -140,7 +142,8 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
                      tv_weight: float = 1e-4, restarts: int = 1, seed: int = 0,
                      box: tuple[float, float] = (0.0, 1.0), device: str | torch.device = "cpu",
                      weights: Sequence[float] | None = None, prior: Callable[[Tensor], Tensor] | None = None,
-                     prior_weight: float = 0.0, init_mean: float = 0.0, init_std: float = 1.0) -> InversionResult:
+                     prior_weight: float = 0.0, init_mean: float = 0.0, init_std: float = 1.0,
+                     prior_balance: str = "absolute") -> InversionResult:
     """Images ``[batch, *shape[1:]]`` whose gradient under ``model`` matches ``target_grads``.
 
     ``target_grads`` holds one tensor per parameter of ``model`` (a mapping by name, or a sequence in
@@ -152,6 +155,9 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     ``prior`` (e.g. :func:`imprint.bridge.prior.sds_prior`) maps the stack of candidates
     ``[restarts, *shape]`` to a gradient of the same shape, added times ``prior_weight`` to the
     objective's gradient before its sign is taken; the matching loss that ranks restarts leaves it out.
+    With ``prior_balance="relative"`` both are first scaled to unit norm per candidate, so that
+    ``prior_weight`` is the prior's share of the step's direction at every step (the signed step makes an
+    absolute weight meaningless once the matching gradient shrinks: any prior then sets every sign).
     One target of :func:`invert_gradients_batch`.
     """
     prior_weight = require_float("prior_weight", prior_weight, minimum=0.0)
@@ -164,7 +170,14 @@ def invert_gradients(model: nn.Module, target_grads: Mapping[str, Tensor] | Sequ
     return invert_gradients_batch(model, [target], labels, shape, steps, lr=lr, tv_weight=tv_weight,
                                   restarts=restarts, seed=seed, box=box, device=device, weights=[weights],
                                   prior=stacked, prior_weights=[prior_weight], init_mean=init_mean,
-                                  init_std=init_std)[0]
+                                  init_std=init_std, prior_balance=prior_balance)[0]
+
+
+def _unit(x: Tensor, lead: int) -> Tensor:
+    """``x`` scaled to unit norm over its last ``len(shape)`` axes (one candidate's images): ``x`` is
+    ``[m, restarts, *shape]`` and ``lead`` is ``len(shape) + 1``, so the norm is per (target, restart)."""
+    norm = x.flatten(x.dim() - lead + 1).norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
+    return x / norm.view(*norm.shape, *[1] * (lead - 1))
 
 
 def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tensor] | Sequence[Tensor]],
@@ -175,7 +188,7 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
                            weights: Sequence[Sequence[float] | None] | None = None,
                            prior: Callable[[Tensor], Tensor] | None = None,
                            prior_weights: Sequence[float] | None = None, init_mean: float = 0.0,
-                           init_std: float = 1.0) -> list[InversionResult]:
+                           init_std: float = 1.0, prior_balance: str = "absolute") -> list[InversionResult]:
     """:func:`invert_gradients` of several target gradients under one model, as one optimisation: one
     result per target, in order.
 
@@ -191,6 +204,7 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
     ``[m, restarts, *shape]`` of the candidates of the ``m`` targets with a positive prior weight, in
     order, to a gradient of the same shape (e.g. :func:`imprint.bridge.prior.sds_priors`, one stream per
     target); it never sees the other targets' candidates, so theirs do not depend on its draws.
+    ``prior_balance`` as in :func:`invert_gradients`.
     """
     if len(targets) < 1:
         raise ValueError("targets is empty: expected at least one target gradient")
@@ -209,6 +223,7 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
     lr = require_float("lr", lr, minimum=0.0, strict_minimum=True)
     tv_weight = require_float("tv_weight", tv_weight, minimum=0.0)
     restarts = require_int("restarts", restarts, minimum=1)
+    require_choice("prior_balance", prior_balance, PRIOR_BALANCES)
     if isinstance(seed, (list, tuple)):
         seeds = [require_int(f"seed[{i}]", s) for i, s in enumerate(seed)]
         if len(seeds) != n_targets:
@@ -270,7 +285,12 @@ def invert_gradients_batch(model: nn.Module, targets: Sequence[Mapping[str, Tens
     for _ in range(steps):
         direction, _ = step_direction(x, target, layer_weights, labels)
         if with_prior:
-            direction[with_prior] += prior_scale * prior(x.detach()[with_prior])
+            pulled = prior(x.detach()[with_prior])
+            if prior_balance == "relative":
+                matched = direction[with_prior]
+                direction[with_prior] = _unit(matched, len(shape) + 1) + prior_scale * _unit(pulled, len(shape) + 1)
+            else:
+                direction[with_prior] += prior_scale * pulled
         x.grad = direction.sign()
         optimizer.step()
         schedule.step()
