@@ -319,7 +319,7 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
     there atomically (``setting-seed<seed>.safetensors``, keyed by the options and the seed) and read back
     by a later call with the same options and seed, so a resumed run attacks the very networks that its
     finished cells attacked, also on another machine; ``setting.seconds`` holds the wall seconds of the
-    pretraining and the DDPM's training (0 when read back)."""
+    pretraining and the DDPM's training (those of the run that trained them when read back)."""
     seed = require_int("seed", seed, minimum=0)
     device = torch.device(device)
     splits = domain_splits(options.domain, options.n_private, options.n_heldout, options.n_public, seed)
@@ -345,6 +345,7 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
         meta, tensors = stored
         model.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")})
         acc = float(meta["target_accuracy"])
+        seconds.update({k: float(v) for k, v in meta.get("seconds", {}).items() if k in seconds})
         if config is not None:
             from imprint.models.ddpm import unet_from_state_dict
 
@@ -366,7 +367,7 @@ def prepare_setting(options: SettingOptions, seed: int, device: str | torch.devi
             tensors = {f"target.{k}": v for k, v in model.state_dict().items()}
             if unet is not None:
                 tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
-            atomic_save_tensors(path, tensors, {"key": key, "target_accuracy": acc})
+            atomic_save_tensors(path, tensors, {"key": key, "target_accuracy": acc, "seconds": seconds})
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
